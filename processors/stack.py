@@ -1,0 +1,150 @@
+"""The ordered per-request processor stack, batched across requests.
+
+Every request lists its steering entries in the order they must run. Requests in one
+batch may list different methods in different orders, yet ``apply`` must stay a fixed
+sequence of tensor ops. The stack is therefore organised by *stage*: stage ``k`` holds,
+for each processor type, one instance that owns the rows whose ``k``-th entry has that
+type. Within a stage the instances touch disjoint rows, so running them one after the
+other equals running each row's own ``k``-th entry; stages run in order. The number of
+stages is the longest stack in the batch (bounded by a setting).
+
+Entries whose type acts inside the forward pass (``control``) are registered with
+``in_forward=True``: they are validated here but never become logits stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from processors.base import ParamError, Processor, ProcessorEnv, StepContext
+
+_REGISTRY: dict[str, type[Processor[Any]]] = {}
+_IN_FORWARD: set[str] = set()
+
+# Methods the design names whose implementation has not landed in this build yet. A
+# request naming one gets a clear 400 instead of a crash.
+PLANNED_TYPES: tuple[str, ...] = ("ngram", "control", "fusion", "margin")
+
+
+def register(cls: type[Processor[Any]], *, in_forward: bool = False) -> type[Processor[Any]]:
+    """Make ``cls`` available as ``steering[].type == cls.type_name``."""
+    _REGISTRY[cls.type_name] = cls
+    if in_forward:
+        _IN_FORWARD.add(cls.type_name)
+    return cls
+
+
+def registered_types() -> list[str]:
+    """The ``type`` strings this build accepts, sorted."""
+    return sorted(_REGISTRY)
+
+
+def processor_class(type_name: str) -> type[Processor[Any]]:
+    """Look up a registered processor class (KeyError if unknown)."""
+    return _REGISTRY[type_name]
+
+
+@dataclass(frozen=True)
+class StackEntry:
+    """One validated steering entry: its type and the processor's frozen spec."""
+
+    type: str
+    spec: Any
+
+
+def parse_stack(
+    entries: Sequence[Mapping[str, Any]], env: ProcessorEnv, *, max_len: int
+) -> tuple[StackEntry, ...]:
+    """Validate a request's ``steering`` list; raise ParamError naming ``steering.i.*``."""
+    if len(entries) > max_len:
+        raise ParamError(
+            "steering", f"at most {max_len} steering entries are allowed, got {len(entries)}"
+        )
+    parsed: list[StackEntry] = []
+    for i, entry in enumerate(entries):
+        prefix = f"steering.{i}"
+        if not isinstance(entry, Mapping):
+            raise ParamError(prefix, f"each steering entry must be an object, got {entry!r}")
+        type_name = entry.get("type")
+        if not isinstance(type_name, str):
+            raise ParamError(f"{prefix}.type", "each steering entry needs a string 'type'")
+        cls = _REGISTRY.get(type_name)
+        if cls is None:
+            if type_name in PLANNED_TYPES:
+                raise ParamError(
+                    f"{prefix}.type",
+                    f"steering type '{type_name}' is not available in this server build",
+                )
+            known = ", ".join(registered_types())
+            raise ParamError(
+                f"{prefix}.type", f"unknown steering type '{type_name}' (available: {known})"
+            )
+        try:
+            spec = cls.validate(entry, env)
+        except ParamError as err:
+            raise err.with_prefix(prefix) from None
+        parsed.append(StackEntry(type_name, spec))
+    return tuple(parsed)
+
+
+class ProcessorStack:
+    """All logits processors of one batch composition, grouped in stages.
+
+    Example:
+        >>> import torch
+        >>> from processors.logit_bias import LogitBias
+        >>> env = ProcessorEnv(vocab_size=4)
+        >>> rows = [parse_stack([{"type": "logit_bias", "bias": {"1": 5.0}}], env, max_len=4), ()]
+        >>> stack = ProcessorStack(torch.device("cpu"), 4)
+        >>> stack.update_state(rows)
+        >>> logits = torch.zeros(2, 4)
+        >>> ctx = StepContext(base_logits=logits, last_tokens=torch.full((2, 2), -1))
+        >>> stack.apply(ctx, logits)
+        tensor([[0., 5., 0., 0.],
+                [0., 0., 0., 0.]])
+    """
+
+    def __init__(self, device: torch.device, vocab_size: int) -> None:
+        self.device = device
+        self.vocab_size = vocab_size
+        self.stages: list[list[Processor[Any]]] = []
+
+    def update_state(self, rows: Sequence[Sequence[StackEntry]]) -> None:
+        """Build the stages for a batch whose row ``b`` has the stack ``rows[b]``."""
+        logit_rows = [[e for e in row if e.type not in _IN_FORWARD] for row in rows]
+        depth = max((len(r) for r in logit_rows), default=0)
+        stages: list[list[Processor[Any]]] = []
+        for k in range(depth):
+            types = sorted({r[k].type for r in logit_rows if len(r) > k})
+            stage: list[Processor[Any]] = []
+            for type_name in types:
+                specs = [
+                    r[k].spec if len(r) > k and r[k].type == type_name else None
+                    for r in logit_rows
+                ]
+                proc = _REGISTRY[type_name](self.device, self.vocab_size)
+                proc.update_state(specs)
+                if proc.active:
+                    stage.append(proc)
+            stages.append(stage)
+        self.stages = stages
+
+    @property
+    def active(self) -> bool:
+        """Whether any row of the batch has a logits processor."""
+        return any(self.stages)
+
+    def apply(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
+        """Run every stage in order on ``logits (B, V)`` and return the steered logits."""
+        for stage in self.stages:
+            for proc in stage:
+                logits = proc.apply(ctx, logits)
+        return logits
+
+    def processors(self) -> list[Processor[Any]]:
+        """All processor instances, stage by stage (for diagnostics and tests)."""
+        return [p for stage in self.stages for p in stage]

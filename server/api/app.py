@@ -1,0 +1,121 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI
+
+import processors  # noqa: F401  (registers the shipped processors)
+from server import __version__
+from server.api.errors import APIError, install_error_handlers
+from server.api.routes import router
+from server.api.state import ServerState
+from server.loading import ModelBundle
+from server.settings import Settings
+
+log = logging.getLogger("steerserve.api")
+
+ASGIApp = Callable[[dict[str, Any], Callable[..., Awaitable[Any]], Callable[..., Awaitable[Any]]],
+                   Awaitable[None]]
+
+
+class BodySizeLimit:
+    """Reject request bodies over ``limit`` bytes with 413 (declared or streamed)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = APIError(
+            413, f"the request body exceeds the limit of {self.limit} bytes", param="body"
+        )
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.limit:
+                    await too_large.response()(scope, receive, send)
+                    return
+        seen = 0
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await too_large.response()(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class DefaultJSONContentType:
+    """Treat a body sent without a content type, or as a form (``curl -d``'s default),
+    as JSON: every native endpoint except binary uploads takes JSON, and llama.cpp's
+    server and vLLM accept ``curl -d '{...}'`` the same way."""
+
+    _LENIENT = (b"", b"application/x-www-form-urlencoded")
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") in ("POST", "PUT", "PATCH"):
+            headers = list(scope.get("headers", []))
+            ctype = next((v for k, v in headers if k == b"content-type"), b"")
+            if ctype.split(b";")[0].strip().lower() in self._LENIENT and not scope[
+                "path"
+            ].endswith("/gguf"):
+                headers = [(k, v) for k, v in headers if k != b"content-type"]
+                headers.append((b"content-type", b"application/json"))
+                scope = {**scope, "headers": headers}
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, bundle: ModelBundle | None = None) -> FastAPI:
+    """Build the app. With ``bundle`` the engine starts at once (tests); otherwise the
+    configured model loads on a background thread while ``/health`` answers 503."""
+    settings = settings or Settings()
+    state = ServerState(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if bundle is not None:
+            state.attach(bundle)
+        else:
+            state.load_in_background(on_error=getattr(app.state, "on_load_error", None))
+        try:
+            yield
+        finally:
+            state.shutdown()
+
+    app = FastAPI(
+        title="steerserve",
+        version=__version__,
+        description="Decoding-time steering inference server.",
+        lifespan=lifespan,
+    )
+    app.state.steer = state
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(DefaultJSONContentType)
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    return app

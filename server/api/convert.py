@@ -1,0 +1,153 @@
+"""The one conversion from wire types to the engine's frozen internal types.
+
+It tokenizes the prompt (chat template for ``messages``), applies the limits of the
+settings and validates the steering stack through each processor's ``validate``. All
+failures are :class:`APIError`/``ParamError`` naming the parameter.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from processors.base import ParamError, ProcessorEnv
+from processors.stack import parse_stack
+from server.api.errors import APIError
+from server.api.protocol import GenerateRequest
+from server.engine.types import GenerationRequest, SamplingParams
+from server.loading import ModelBundle
+from server.settings import Settings
+
+
+def tokenize_prompt(req: GenerateRequest, bundle: ModelBundle) -> list[int]:
+    """Token ids of the request's prompt (exactly one of ``prompt``/``messages``)."""
+    tok = bundle.tokenizer
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+    if req.messages is not None:
+        if not req.messages:
+            raise APIError(400, "'messages' must not be empty", param="messages")
+        if not getattr(tok, "chat_template", None):
+            raise APIError(
+                400, "this model has no chat template; send 'prompt' instead", param="messages"
+            )
+        msgs = [m.model_dump() for m in req.messages]
+        ids = tok.apply_chat_template(
+            msgs, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a dict
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+    if isinstance(req.prompt, list):
+        if not req.prompt:
+            raise APIError(400, "'prompt' must not be empty", param="prompt")
+        bad = [t for t in req.prompt if not 0 <= t < bundle.vocab_size]
+        if bad:
+            raise APIError(
+                400,
+                f"token id {bad[0]} in 'prompt' is outside the vocabulary "
+                f"[0, {bundle.vocab_size})",
+                param="prompt",
+            )
+        return list(req.prompt)
+    assert isinstance(req.prompt, str)
+    if not req.prompt:
+        raise APIError(400, "'prompt' must not be empty", param="prompt")
+    ids = tok(req.prompt, add_special_tokens=True)["input_ids"]
+    if not ids:
+        raise APIError(400, "'prompt' produced no tokens", param="prompt")
+    return [int(i) for i in ids]
+
+
+def _stop_list(req: GenerateRequest, settings: Settings) -> tuple[str, ...]:
+    if req.stop is None:
+        return ()
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    if len(stops) > settings.max_stop_sequences:
+        raise APIError(
+            400,
+            f"at most {settings.max_stop_sequences} stop sequences, got {len(stops)}",
+            param="stop",
+        )
+    if any(not s for s in stops):
+        raise APIError(400, "stop sequences must not be empty strings", param="stop")
+    return tuple(stops)
+
+
+def to_generation_request(
+    req: GenerateRequest,
+    bundle: ModelBundle,
+    settings: Settings,
+    env: ProcessorEnv,
+    *,
+    request_id: str | None = None,
+) -> GenerationRequest:
+    """Validate ``req`` against the model and limits; build the engine request."""
+    prompt_ids = tokenize_prompt(req, bundle)
+    prompt_param = "messages" if req.messages is not None else "prompt"
+    max_prompt = min(settings.max_prompt_tokens or bundle.context_length, bundle.context_length)
+    if len(prompt_ids) >= max_prompt:
+        raise APIError(
+            400,
+            f"the prompt has {len(prompt_ids)} tokens; the limit is {max_prompt - 1} "
+            f"(model context {bundle.context_length})",
+            param=prompt_param,
+        )
+    room = bundle.context_length - len(prompt_ids)
+    if req.max_tokens is None:
+        max_tokens = min(settings.default_max_tokens, room)
+    else:
+        max_tokens = req.max_tokens
+        if max_tokens > settings.max_tokens_limit:
+            raise APIError(
+                400,
+                f"'max_tokens' must be at most {settings.max_tokens_limit}, got {max_tokens}",
+                param="max_tokens",
+            )
+        if max_tokens > room:
+            raise APIError(
+                400,
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"model's context length ({bundle.context_length})",
+                param="max_tokens",
+            )
+    if req.min_tokens > max_tokens:
+        raise APIError(
+            400,
+            f"'min_tokens' ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
+            param="min_tokens",
+        )
+    stop_ids = tuple(req.stop_token_ids or ())
+    for t in stop_ids:
+        if not 0 <= t < bundle.vocab_size:
+            raise APIError(
+                400, f"stop token id {t} is outside the vocabulary", param="stop_token_ids"
+            )
+    sampling = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(req.temperature),
+        top_p=float(req.top_p),
+        top_k=max(0, req.top_k),
+        min_p=float(req.min_p),
+        repetition_penalty=float(req.repetition_penalty),
+        seed=req.seed,
+        stop=_stop_list(req, settings),
+        stop_token_ids=stop_ids,
+        ignore_eos=req.ignore_eos,
+        min_tokens=req.min_tokens,
+    )
+    entries: list[dict[str, Any]] = [e.model_dump() for e in req.steering]
+    try:
+        steering = parse_stack(entries, env, max_len=settings.max_steering_entries)
+    except ParamError as err:
+        raise APIError.from_param_error(err) from None
+    diagnostics = "steps" if req.diagnostics == "steps" else ("summary" if req.diagnostics else "off")
+    return GenerationRequest(
+        request_id=request_id or f"gen-{uuid.uuid4().hex[:24]}",
+        prompt_ids=tuple(prompt_ids),
+        sampling=sampling,
+        steering=steering,
+        diagnostics=diagnostics,
+        arrival=time.monotonic(),
+    )

@@ -1,0 +1,157 @@
+"""The error envelope ``{"error": {"message", "type", "param", "code"}}`` and its handlers.
+
+Every failure the API reports goes through :class:`APIError`, so clients see one shape
+whatever went wrong: validation (400), auth (401), unknown artifact (404), name taken
+(409), too large (413), queue full (429, with ``Retry-After``), not ready (503).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from processors.base import ParamError
+
+log = logging.getLogger("steerserve.api")
+
+ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable",
+    507: "insufficient_storage",
+}
+
+
+class ErrorBody(BaseModel):
+    """The inner object of the error envelope."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The error envelope every non-2xx JSON response uses."""
+
+    error: ErrorBody
+
+
+class APIError(Exception):
+    """An error to send to the client in the envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: int | str | None = None,
+        headers: dict[str, str] | None = None,
+        type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else status
+        self.headers = headers or {}
+        self.type = type or ERROR_TYPES.get(status, "server_error")
+
+    def body(self) -> dict[str, Any]:
+        """The JSON envelope."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        """As a JSON response."""
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    @classmethod
+    def from_param_error(cls, err: ParamError) -> APIError:
+        """Map a processor's ParamError to an envelope (its status decides 400/404/413)."""
+        return cls(err.status, err.message, param=err.param or None)
+
+
+_TYPE_LOCS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
+
+
+def _param_from_loc(loc: tuple[Any, ...]) -> str:
+    """('body', 'steering', 0, 'type') → 'steering.0.type'; drops union-member tags."""
+    parts: list[str] = []
+    for item in loc:
+        if item == "body" and not parts:
+            continue
+        s = str(item)
+        if "[" in s or s in _TYPE_LOCS or s.startswith("function-"):
+            continue
+        parts.append(s)
+    return ".".join(parts) or "body"
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """Turn FastAPI's 422 into our 400, naming the first offending field."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+    param = _param_from_loc(tuple(first.get("loc", ())))
+    msg = str(first.get("msg", "invalid value"))
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {msg}", param="body")
+    if first.get("type") == "missing":
+        return APIError(400, f"'{param}' is required", param=param)
+    if first.get("type") == "extra_forbidden":
+        return APIError(400, f"unknown field '{param}'", param=param)
+    shown = repr(first.get("input"))
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return APIError(400, f"invalid value for '{param}': {msg} (got {shown})", param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception type to the envelope."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(ParamError)
+    async def _param_error(_: Request, exc: ParamError) -> JSONResponse:
+        return APIError.from_param_error(exc).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and message == "Not Found":
+            message = "no such endpoint"
+        headers = dict(exc.headers or {})
+        return APIError(exc.status_code, message, headers=headers).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return APIError(500, f"internal server error: {type(exc).__name__}").response()

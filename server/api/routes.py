@@ -1,0 +1,169 @@
+"""Native endpoints: ``/v1/generate``, ``/v1/models``, ``/health``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from server.api.convert import to_generation_request
+from server.api.errors import APIError, ErrorResponse
+from server.api.protocol import (
+    GenerateRequest,
+    GenerateResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    Usage,
+)
+from server.api.state import EventStream, StateDep, submit
+from server.engine.types import ErrorEvent, FinishEvent, TokenEvent
+
+router = APIRouter()
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 503)
+}
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event frame."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()
+
+
+def error_payload(ev: ErrorEvent) -> dict[str, Any]:
+    """An engine error as the envelope (sent in-band when a stream already started)."""
+    return APIError(ev.code, ev.message, type=ev.type).body()
+
+
+async def watch_disconnect(request: Request, stream: EventStream) -> None:
+    """Cancel the engine request when the HTTP client goes away (non-streaming)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            stream.cancel()
+            return
+
+
+@router.post(
+    "/v1/generate",
+    response_model=GenerateResponse,
+    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+)
+async def generate(body: GenerateRequest, request: Request, state: StateDep) -> Any:
+    """Generate from one prompt with a per-request steering stack (SSE with stream)."""
+    bundle, engine, env = state.ready()
+    req = await run_in_threadpool(to_generation_request, body, bundle, state.settings, env)
+    stream = submit(state, engine, req)
+    model = bundle.name
+
+    if body.stream:
+        return StreamingResponse(
+            _stream_frames(stream, req.request_id, model),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    watcher = asyncio.create_task(watch_disconnect(request, stream))
+    tokens: list[int] = []
+    text: list[str] = []
+    try:
+        async for ev in stream.events():
+            if isinstance(ev, TokenEvent):
+                tokens.extend(ev.token_ids)
+                text.append(ev.text)
+            elif isinstance(ev, FinishEvent):
+                text.append(ev.text)
+                response = GenerateResponse(
+                    id=req.request_id,
+                    model=model,
+                    text="".join(text),
+                    token_ids=tokens,
+                    finish_reason=ev.finish_reason,
+                    usage=Usage(
+                        prompt_tokens=ev.prompt_tokens,
+                        completion_tokens=ev.completion_tokens,
+                        total_tokens=ev.prompt_tokens + ev.completion_tokens,
+                    ),
+                    diagnostics=ev.diagnostics,
+                )
+                return JSONResponse(response.model_dump(exclude_none=True))
+            else:
+                assert isinstance(ev, ErrorEvent)
+                raise APIError(ev.code, ev.message, type=ev.type)
+    finally:
+        stream.cancel()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    raise APIError(500, "the engine ended the request without a result")
+
+
+async def _stream_frames(stream: EventStream, request_id: str, model: str) -> AsyncIterator[bytes]:
+    """SSE frames for one request; cancels the engine row if the client disconnects."""
+    try:
+        async for ev in stream.events():
+            if isinstance(ev, TokenEvent):
+                frame = {"id": request_id, "model": model, "text": ev.text,
+                         "token_ids": list(ev.token_ids), "finish_reason": None}
+                yield sse(frame)
+            elif isinstance(ev, FinishEvent):
+                usage = {
+                    "prompt_tokens": ev.prompt_tokens,
+                    "completion_tokens": ev.completion_tokens,
+                    "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+                }
+                frame = {"id": request_id, "model": model, "text": ev.text, "token_ids": [],
+                         "finish_reason": ev.finish_reason, "usage": usage}
+                if ev.diagnostics is not None:
+                    frame["diagnostics"] = ev.diagnostics
+                yield sse(frame)
+            else:
+                assert isinstance(ev, ErrorEvent)
+                yield sse(error_payload(ev))
+        yield sse("[DONE]")
+    finally:
+        stream.cancel()
+
+
+@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+async def list_models(state: StateDep) -> ModelList:
+    """The main model (and, once fusion lands, every auxiliary model with its role)."""
+    bundle, _, env = state.ready()
+    card = ModelCard(
+        id=bundle.name,
+        role="main",
+        source=bundle.source,
+        vocab_size=bundle.vocab_size,
+        context_length=bundle.context_length,
+        tokenizer_fingerprint=env.tokenizer_fingerprint,
+        dtype=bundle.dtype,
+        device=bundle.device,
+    )
+    return ModelList(data=[card])
+
+
+@router.get("/health", response_model=Health, responses={503: {"model": Health}})
+async def health(state: StateDep) -> JSONResponse:
+    """200 when the engine is ready; 503 while loading, draining or after a failure."""
+    engine = state.engine
+    if state.status == "ok" and engine is not None and not engine.alive:
+        status, detail = "error", engine.dead or "the engine stopped"
+    else:
+        status, detail = state.status, state.detail
+    body = Health(
+        status=status,  # type: ignore[arg-type]
+        model=state.bundle.name if state.bundle else None,
+        detail=detail,
+        running=engine.running if engine else 0,
+        waiting=engine.waiting if engine else 0,
+    )
+    code = 200 if status == "ok" else 503
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=code)

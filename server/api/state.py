@@ -1,0 +1,157 @@
+"""The server's shared state (model bundle, engine, settings), injected into routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from processors.base import ProcessorEnv
+from server.api.errors import APIError
+from server.engine import (
+    Engine,
+    EngineConfig,
+    EngineUnavailableError,
+    GenerationRequest,
+    QueueFullError,
+    RequestHandle,
+)
+from server.engine.types import EngineEvent, ErrorEvent, FinishEvent
+from server.loading import ModelBundle, load_model
+from server.settings import Settings
+
+log = logging.getLogger("steerserve.api")
+
+
+@dataclass
+class ServerState:
+    """Everything a route needs; one instance per app."""
+
+    settings: Settings
+    bundle: ModelBundle | None = None
+    engine: Engine | None = None
+    env: ProcessorEnv | None = None
+    status: str = "loading"  # loading | ok | error | draining
+    detail: str | None = None
+    resources: dict[str, Any] = field(default_factory=dict)
+
+    def attach(self, bundle: ModelBundle) -> None:
+        """Start the engine over a loaded model and mark the server ready."""
+        s = self.settings
+        engine = Engine(
+            bundle.model,
+            bundle.tokenizer,
+            EngineConfig(
+                max_batch_size=s.max_batch_size,
+                max_queue=s.max_queue,
+                max_prefill_tokens=s.max_prefill_tokens,
+            ),
+        )
+        engine.start()
+        self.env = ProcessorEnv(
+            vocab_size=bundle.vocab_size,
+            tokenizer_fingerprint=bundle.tokenizer_fingerprint(),
+            resources=self.resources,
+        )
+        self.bundle, self.engine = bundle, engine
+        self.status = "ok"
+
+    def load_in_background(self, on_error: Any = None) -> threading.Thread:
+        """Load the configured model on a thread so /health can answer 503 meanwhile."""
+
+        def work() -> None:
+            s = self.settings
+            try:
+                bundle = load_model(
+                    s.model, s.data_dir, device=s.device, dtype=s.dtype, name=s.model_name
+                )
+                self.attach(bundle)
+            except Exception as exc:
+                log.exception("model loading failed")
+                self.status, self.detail = "error", f"model loading failed: {exc}"
+                if on_error is not None:
+                    on_error(exc)
+
+        thread = threading.Thread(target=work, name="steer-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def ready(self) -> tuple[ModelBundle, Engine, ProcessorEnv]:
+        """The loaded parts, or a 503 while loading/after a failure."""
+        if self.status == "draining":
+            raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
+        if self.bundle is None or self.engine is None or self.env is None:
+            raise APIError(
+                503,
+                self.detail or "the model is still loading",
+                headers={"Retry-After": str(self.settings.retry_after_s or 1)},
+            )
+        if not self.engine.alive:
+            raise APIError(503, self.engine.dead or "the engine is not running")
+        return self.bundle, self.engine, self.env
+
+    def shutdown(self) -> None:
+        """Stop the engine (aborting what is left)."""
+        if self.engine is not None:
+            self.engine.stop()
+
+
+def get_state(request: Request) -> ServerState:
+    """FastAPI dependency: the app's ServerState."""
+    return request.app.state.steer
+
+
+StateDep = Annotated[ServerState, Depends(get_state)]
+
+
+class EventStream:
+    """Bridge from the engine thread to one asyncio consumer.
+
+    The engine calls ``put`` on its thread; ``put`` hops onto the event loop with
+    ``call_soon_threadsafe``. If the loop is closed the call raises, which the engine
+    treats as "consumer gone" and drops the row.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[EngineEvent] = asyncio.Queue()
+        self.handle: RequestHandle | None = None
+        self.done = False
+
+    def put(self, event: EngineEvent) -> None:
+        if self.loop.is_closed():
+            raise RuntimeError("event loop closed")
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def events(self) -> AsyncIterator[EngineEvent]:
+        """Yield events until the FinishEvent or ErrorEvent (inclusive)."""
+        while True:
+            ev = await self.queue.get()
+            yield ev
+            if isinstance(ev, (FinishEvent, ErrorEvent)):
+                self.done = True
+                return
+
+    def cancel(self) -> None:
+        """Tell the engine to drop the request (no-op once it finished)."""
+        if self.handle is not None and not self.done:
+            self.handle.cancel()
+
+
+def submit(state: ServerState, engine: Engine, req: GenerationRequest) -> EventStream:
+    """Submit to the engine, mapping a full queue to 429 and a dead engine to 503."""
+    stream = EventStream(asyncio.get_running_loop())
+    try:
+        stream.handle = engine.submit(req, stream.put)
+    except QueueFullError as err:
+        raise APIError(
+            429, str(err), headers={"Retry-After": str(max(1, state.settings.retry_after_s))}
+        ) from None
+    except EngineUnavailableError as err:
+        raise APIError(503, str(err), headers={"Retry-After": "5"}) from None
+    return stream

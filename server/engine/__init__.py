@@ -1,0 +1,31 @@
+"""The batched steering engine: scheduler, batch state, runner, sampler, detokenizer."""
+
+from server.engine.scheduler import (
+    Engine,
+    EngineConfig,
+    EngineUnavailableError,
+    QueueFullError,
+    run_to_completion,
+)
+from server.engine.types import (
+    ErrorEvent,
+    FinishEvent,
+    GenerationRequest,
+    RequestHandle,
+    SamplingParams,
+    TokenEvent,
+)
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineUnavailableError",
+    "ErrorEvent",
+    "FinishEvent",
+    "GenerationRequest",
+    "QueueFullError",
+    "RequestHandle",
+    "SamplingParams",
+    "TokenEvent",
+    "run_to_completion",
+]

@@ -1,0 +1,136 @@
+"""Per-row sampling: penalties, EOS control, temperature, top-k, top-p, min-p, seeds.
+
+All per-row settings are ``(B, 1)`` tensors rebuilt only when the batch composition
+changes (``update_state``); ``sample`` is tensor code with no host sync. Order, as in
+``transformers``: repetition penalty → EOS masking (``min_tokens``/``ignore_eos``) →
+greedy rows take the argmax → temperature → top-k → top-p → min-p → exponential race.
+
+Reproducibility: every sampled row owns a ``torch.Generator`` seeded from its request's
+seed, and draws exactly ``V`` exponentials per step from it. A row's draws therefore
+depend only on its own seed and step count, never on which other requests share the
+batch. The draw is one small kernel per sampled row (a loop over rows, but no sync);
+greedy rows draw nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.types import SamplingParams
+
+
+@dataclass
+class SamplerRow:
+    """What the sampler needs to know about one row."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # None for greedy rows
+    generated: int  # tokens generated so far
+
+
+class Sampler:
+    """Vectorized sampler for one batch composition."""
+
+    def __init__(self, device: torch.device, vocab_size: int, eos_ids: Sequence[int]) -> None:
+        self.device = device
+        self.vocab_size = vocab_size
+        self.eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+        self.rows: list[SamplerRow] = []
+
+    def update_state(self, rows: Sequence[SamplerRow]) -> None:
+        """Rebuild the per-row tensors; called when rows join or leave."""
+        self.rows = list(rows)
+        dev = self.device
+        params = [r.params for r in rows]
+
+        def col(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=dev).view(-1, 1)
+
+        self.greedy = col([p.greedy for p in params], torch.bool)  # (B,1)
+        self.all_greedy = all(p.greedy for p in params)
+        self.any_greedy = any(p.greedy for p in params)
+        self.temperature = col([p.temperature if not p.greedy else 1.0 for p in params])
+        self.any_temp = any(p.temperature not in (0.0, 1.0) for p in params)
+        sampled = [p for p in params if not p.greedy]
+        self.top_k_max = max((p.top_k for p in sampled if p.top_k > 0), default=0)
+        self.top_k_max = min(self.top_k_max, self.vocab_size)
+        self.top_k = col(
+            [min(p.top_k, self.vocab_size) if p.top_k > 0 else self.vocab_size for p in params],
+            torch.long,
+        )
+        self.any_top_p = any(p.top_p < 1.0 for p in sampled)
+        self.top_p = col([p.top_p for p in params])
+        self.any_min_p = any(p.min_p > 0.0 for p in sampled)
+        self.min_p = col([p.min_p for p in params])
+        self.any_rep = any(p.repetition_penalty != 1.0 for p in params)
+        self.rep = col([p.repetition_penalty for p in params])
+        self.eos_rows_known = [p.ignore_eos or p.min_tokens > 0 for p in params]
+        self.any_eos_block = any(self.eos_rows_known) and self.eos_ids.numel() > 0
+
+    def _eos_block_mask(self) -> torch.Tensor:
+        """``(B, 1)`` bool: rows that may not emit EOS this step (host-side counters)."""
+        block = [
+            r.params.ignore_eos or r.generated < r.params.min_tokens for r in self.rows
+        ]
+        return torch.tensor(block, dtype=torch.bool, device=self.device).view(-1, 1)
+
+    def sample(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """Pick one token per row.
+
+        Args:
+            logits: ``(B, V)`` float32 steered logits (not modified).
+            seen: ``(B, V)`` bool, tokens present in the row's prompt or output; needed
+                only when some row has a repetition penalty.
+
+        Returns:
+            ``(B,)`` int64 token ids.
+        """
+        B, V = logits.shape
+        if self.any_rep and seen is not None:
+            penalized = torch.where(logits > 0, logits / self.rep, logits * self.rep)
+            logits = torch.where(seen, penalized, logits)
+        if self.any_eos_block:
+            eos_cols = torch.zeros(V, dtype=torch.bool, device=logits.device)
+            eos_cols[self.eos_ids] = True
+            logits = logits.masked_fill(self._eos_block_mask() & eos_cols, float("-inf"))
+        greedy_tokens = logits.argmax(dim=-1)
+        if self.all_greedy:
+            return greedy_tokens
+        if self.any_temp:
+            logits = logits / self.temperature
+        if self.top_k_max > 0:
+            top_vals = logits.topk(self.top_k_max, dim=-1).values  # (B, Kmax)
+            kth = top_vals.gather(1, (self.top_k.clamp(max=self.top_k_max) - 1))
+            kth = torch.where(self.top_k >= V, torch.full_like(kth, float("-inf")), kth)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.any_top_p:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(dim=-1)
+            before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
+            drop = (before > self.top_p) & (self.top_p < 1.0)
+            drop[:, 0] = False  # always keep the most likely token
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        if self.any_min_p:
+            floor = self.min_p * probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < floor, 0.0)
+        # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) samples i with prob ∝ p_i.
+        noise = torch.ones_like(probs)
+        for b, row in enumerate(self.rows):
+            if row.generator is not None:
+                noise[b].exponential_(generator=row.generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        if self.any_greedy:
+            return torch.where(self.greedy.view(-1), greedy_tokens, sampled)
+        return sampled
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A per-request generator on ``device`` seeded with ``seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen

