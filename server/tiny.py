@@ -62,7 +62,9 @@ def tiny_config(vocab_size: int, **overrides: object) -> LlamaConfig:
     return LlamaConfig(**fields)
 
 
-def tiny_model(seed: int = 0, **overrides: object) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+def tiny_model(
+    seed: int = 0, **overrides: object
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """Build the random model and its tokenizer deterministically from ``seed``."""
     tok = tiny_tokenizer()
     config = tiny_config(len(tok), **overrides)

@@ -15,7 +15,7 @@ from processors.base import ParamError, ProcessorEnv
 from processors.stack import parse_stack
 from server.api.errors import APIError
 from server.api.protocol import GenerateRequest
-from server.engine.types import GenerationRequest, SamplingParams
+from server.engine.types import DiagnosticsMode, GenerationRequest, SamplingParams
 from server.loading import ModelBundle
 from server.settings import Settings
 
@@ -142,7 +142,11 @@ def to_generation_request(
         steering = parse_stack(entries, env, max_len=settings.max_steering_entries)
     except ParamError as err:
         raise APIError.from_param_error(err) from None
-    diagnostics = "steps" if req.diagnostics == "steps" else ("summary" if req.diagnostics else "off")
+    diagnostics: DiagnosticsMode = "off"
+    if req.diagnostics == "steps":
+        diagnostics = "steps"
+    elif req.diagnostics:
+        diagnostics = "summary"
     return GenerationRequest(
         request_id=request_id or f"gen-{uuid.uuid4().hex[:24]}",
         prompt_ids=tuple(prompt_ids),

@@ -122,6 +122,7 @@ class Engine:
         self._any_diag = False
         self.dead: str | None = None
         self.steps = 0
+        self.peak_batch = 0  # largest batch decoded so far (tests, benchmarks)
 
     # ----------------------------------------------------------------- public API
     def start(self) -> None:
@@ -240,6 +241,7 @@ class Engine:
     def _step(self) -> None:
         if self._dirty:
             self._rebuild()
+        self.peak_batch = max(self.peak_batch, len(self.rows))
         base = self.batch.next_logits  # (B, V)
         ctx = StepContext(
             base_logits=base, last_tokens=self.batch.last_tokens, want_stats=self._any_diag

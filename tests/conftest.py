@@ -1,0 +1,102 @@
+"""Shared fixtures: the tiny random model, engines, and a real uvicorn server."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx
+import pytest
+import uvicorn
+
+import processors  # noqa: F401  (registers processors)
+from server.api.app import create_app
+from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+from server.loading import ModelBundle, load_model
+from server.settings import Settings
+
+EMBEDDED = "embedded:smollm2-135m-instruct"
+
+
+def real_data_dir() -> Path:
+    """Where the converted embedded model is cached (shared across test runs)."""
+    return Settings().data_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
+    return load_model("random:tiny", tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def real_bundle() -> ModelBundle:
+    return load_model(EMBEDDED, real_data_dir())
+
+
+@pytest.fixture
+def tiny_engine(tiny_bundle: ModelBundle) -> Iterator[Engine]:
+    engine = Engine(tiny_bundle.model, tiny_bundle.tokenizer, EngineConfig(max_batch_size=16))
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def make_request(
+    tokenizer: Any, prompt: str, rid: str = "r", steering: tuple = (), diagnostics: str = "off",
+    **sampling: Any,
+) -> GenerationRequest:
+    ids = tuple(tokenizer(prompt)["input_ids"])
+    return GenerationRequest(rid, ids, SamplingParams(**sampling), steering, diagnostics)  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """A real uvicorn server on a free loopback port, in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.app = app
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not become healthy")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    @property
+    def engine(self) -> Engine:
+        return self.app.state.steer.engine
+
+
+@contextmanager
+def live_server(bundle: ModelBundle, tmp_path: Path, **settings: Any) -> Iterator[LiveServer]:
+    s = Settings(model=bundle.source, data_dir=tmp_path, **settings)
+    with LiveServer(create_app(s, bundle=bundle)) as srv:
+        yield srv
