@@ -1,0 +1,74 @@
+"""Shared helpers for the benchmarks: a server subprocess, timing, medians.
+
+Benchmarks print ratios of A and B measured side by side in one run, A and B
+interleaved round by round, and quote medians: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+EMBEDDED = "embedded:smollm2-135m-instruct"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A free loopback TCP port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def server_process(model: str = EMBEDDED, **env: str) -> Iterator[str]:
+    """Run ``python -m server`` on a free port; yield its base URL; stop it after."""
+    port = free_port()
+    environ = {**os.environ, "STEER_MODEL": model, "STEER_PORT": str(port),
+               "STEER_LOG_LEVEL": "warning", **env}
+    proc = subprocess.Popen([sys.executable, "-m", "server"], cwd=ROOT, env=environ)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise RuntimeError("server did not become healthy")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def median(xs: list[float]) -> float:
+    """Median of a non-empty list."""
+    return statistics.median(xs)
+
+
+def machine() -> str:
+    """One line describing where the numbers were measured."""
+    import torch
+
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {cuda}, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} torch threads")

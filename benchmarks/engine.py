@@ -1,0 +1,100 @@
+"""Engine benchmark on the embedded model, measured side by side in one run.
+
+(a) single-request decode tokens/s of the server (over HTTP, fixed length, greedy)
+    vs plain ``transformers`` ``model.generate`` on the same prompt and settings;
+(b) aggregate tokens/s at concurrency 1, 4 and 8 against the server, as ratios to 1.
+
+Rounds interleave every variant; the printed ratios are of the medians.
+Targets (issue 2): (a) ≥ 1.0×, (b) ≥ 3.8× at concurrency 8.
+
+    python benchmarks/engine.py [--rounds 3] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import EMBEDDED, machine, median, server_process  # noqa: E402
+from server.loading import load_model  # noqa: E402
+from server.settings import Settings  # noqa: E402
+
+PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+
+
+async def concurrent_run(url: str, n: int, tokens: int) -> float:
+    """Send ``n`` identical fixed-length requests at once; return aggregate tokens/s."""
+    body = {"messages": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    async with httpx.AsyncClient(timeout=600) as client:
+        t0 = time.perf_counter()
+        rs = await asyncio.gather(*[client.post(url + "/v1/generate", json=body)
+                                    for _ in range(n)])
+        wall = time.perf_counter() - t0
+    done = sum(r.json()["usage"]["completion_tokens"] for r in rs)
+    assert done == n * tokens, [r.text[:200] for r in rs]
+    return done / wall
+
+
+def hf_generate(bundle, ids: torch.Tensor, tokens: int) -> float:
+    """tokens/s of ``model.generate`` (greedy, fixed length, KV cache)."""
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = bundle.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                    max_new_tokens=tokens, min_new_tokens=tokens,
+                                    do_sample=False)
+        wall = time.perf_counter() - t0
+    assert out.shape[1] - ids.shape[1] == tokens
+    return tokens / wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--json", help="also write the results to this file")
+    args = ap.parse_args()
+
+    bundle = load_model(EMBEDDED, Settings().data_dir)
+    ids = bundle.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True,
+                                               tokenize=True, return_dict=False)
+    ids = torch.tensor([list(ids)])
+    results: dict[str, list[float]] = {"hf": [], "c1": [], "c4": [], "c8": []}
+    with server_process() as url:
+        asyncio.run(concurrent_run(url, 2, 4))  # warm-up
+        hf_generate(bundle, ids, 4)
+        for r in range(args.rounds):
+            results["hf"].append(hf_generate(bundle, ids, args.tokens))
+            for c in (1, 4, 8):
+                results[f"c{c}"].append(asyncio.run(concurrent_run(url, c, args.tokens)))
+            print(f"round {r + 1}: " + ", ".join(f"{k}={v[-1]:.1f} tok/s"
+                                                  for k, v in results.items()), flush=True)
+    med = {k: median(v) for k, v in results.items()}
+    ratios = {
+        "single_vs_generate": med["c1"] / med["hf"],
+        "c4_vs_c1": med["c4"] / med["c1"],
+        "c8_vs_c1": med["c8"] / med["c1"],
+    }
+    print(f"\nmachine: {machine()}")
+    print(f"{args.rounds} rounds × {args.tokens} tokens, medians (tokens/s):")
+    print(f"  transformers generate, batch 1 : {med['hf']:7.1f}")
+    for c in (1, 4, 8):
+        print(f"  server, concurrency {c}        : {med[f'c{c}']:7.1f}")
+    print("ratios:")
+    print(f"  (a) server single / generate   : {ratios['single_vs_generate']:.2f}x  (target >= 1.0)")
+    print(f"  (b) concurrency 4 / 1          : {ratios['c4_vs_c1']:.2f}x")
+    print(f"  (b) concurrency 8 / 1          : {ratios['c8_vs_c1']:.2f}x  (target >= 3.8)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"medians": med, "ratios": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
