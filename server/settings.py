@@ -48,5 +48,9 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(128, ge=1)
     max_steering_entries: int = Field(8, ge=0)
     max_stop_sequences: int = Field(8, ge=0)
+    max_sweep_points: int = Field(64, ge=1, description="Largest /v1/sweep grid.")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     retry_after_s: int = Field(1, ge=0)
+    max_corpus_bytes: int = Field(
+        32 * 1024 * 1024, ge=1, description="Largest corpus (UTF-8 bytes) a prior is built from."
+    )

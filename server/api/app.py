@@ -12,8 +12,10 @@ from fastapi import FastAPI
 import processors  # noqa: F401  (registers the shipped processors)
 from server import __version__
 from server.api.errors import APIError, install_error_handlers
+from server.api.priors import router as priors_router
 from server.api.routes import router
 from server.api.state import ServerState
+from server.api.sweep import router as sweep_router
 from server.loading import ModelBundle
 from server.settings import Settings
 
@@ -116,6 +118,8 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
     app.state.steer = state
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(sweep_router)
+    app.include_router(priors_router)
     app.add_middleware(DefaultJSONContentType)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     return app

@@ -72,37 +72,42 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep) -> 
         )
 
     watcher = asyncio.create_task(watch_disconnect(request, stream))
-    tokens: list[int] = []
-    text: list[str] = []
     try:
-        async for ev in stream.events():
-            if isinstance(ev, TokenEvent):
-                tokens.extend(ev.token_ids)
-                text.append(ev.text)
-            elif isinstance(ev, FinishEvent):
-                text.append(ev.text)
-                response = GenerateResponse(
-                    id=req.request_id,
-                    model=model,
-                    text="".join(text),
-                    token_ids=tokens,
-                    finish_reason=ev.finish_reason,
-                    usage=Usage(
-                        prompt_tokens=ev.prompt_tokens,
-                        completion_tokens=ev.completion_tokens,
-                        total_tokens=ev.prompt_tokens + ev.completion_tokens,
-                    ),
-                    diagnostics=ev.diagnostics,
-                )
-                return JSONResponse(response.model_dump(exclude_none=True))
-            else:
-                assert isinstance(ev, ErrorEvent)
-                raise APIError(ev.code, ev.message, type=ev.type)
+        response = await collect(stream, req.request_id, model)
     finally:
         stream.cancel()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+    return JSONResponse(response.model_dump(exclude_none=True))
+
+
+async def collect(stream: EventStream, request_id: str, model: str) -> GenerateResponse:
+    """Wait for a request's events and assemble the non-streaming response."""
+    tokens: list[int] = []
+    text: list[str] = []
+    async for ev in stream.events():
+        if isinstance(ev, TokenEvent):
+            tokens.extend(ev.token_ids)
+            text.append(ev.text)
+        elif isinstance(ev, FinishEvent):
+            text.append(ev.text)
+            return GenerateResponse(
+                id=request_id,
+                model=model,
+                text="".join(text),
+                token_ids=tokens,
+                finish_reason=ev.finish_reason,
+                usage=Usage(
+                    prompt_tokens=ev.prompt_tokens,
+                    completion_tokens=ev.completion_tokens,
+                    total_tokens=ev.prompt_tokens + ev.completion_tokens,
+                ),
+                diagnostics=ev.diagnostics,
+            )
+        else:
+            assert isinstance(ev, ErrorEvent)
+            raise APIError(ev.code, ev.message, type=ev.type)
     raise APIError(500, "the engine ended the request without a result")
 
 

@@ -7,12 +7,15 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from processors.base import ProcessorEnv
+from processors.ngram import NgramPrior
 from server.api.errors import APIError
+from server.artifacts import ArtifactRegistry
 from server.engine import (
     Engine,
     EngineConfig,
@@ -43,6 +46,14 @@ class ServerState:
     def attach(self, bundle: ModelBundle) -> None:
         """Start the engine over a loaded model and mark the server ready."""
         s = self.settings
+        # Artifacts processors look up by name (validate() reads env.resources).
+        if "priors" not in self.resources:
+            self.resources["priors"] = ArtifactRegistry.open(
+                Path(s.data_dir) / "priors",
+                "prior",
+                NgramPrior.from_artifact,
+                NgramPrior.to_artifact,
+            )
         engine = Engine(
             bundle.model,
             bundle.tokenizer,

@@ -67,15 +67,25 @@ class Sampler:
         self.min_p = col([p.min_p for p in params])
         self.any_rep = any(p.repetition_penalty != 1.0 for p in params)
         self.rep = col([p.repetition_penalty for p in params])
-        self.eos_rows_known = [p.ignore_eos or p.min_tokens > 0 for p in params]
-        self.any_eos_block = any(self.eos_rows_known) and self.eos_ids.numel() > 0
+        self.any_eos_block = self.eos_ids.numel() > 0 and any(
+            p.ignore_eos or p.min_tokens > 0 for p in params
+        )
+        self._eos_cols = torch.zeros(self.vocab_size, dtype=torch.bool, device=dev)
+        self._eos_cols[self.eos_ids] = True
+        self._eos_key: tuple[bool, ...] | None = None
+        self._eos_mask: torch.Tensor | None = None
 
     def _eos_block_mask(self) -> torch.Tensor:
-        """``(B, 1)`` bool: rows that may not emit EOS this step (host-side counters)."""
-        block = [
-            r.params.ignore_eos or r.generated < r.params.min_tokens for r in self.rows
-        ]
-        return torch.tensor(block, dtype=torch.bool, device=self.device).view(-1, 1)
+        """``(B, V)`` bool: EOS columns of rows that may not emit EOS this step.
+
+        Which rows are blocked changes only when a row reaches its ``min_tokens``, so the
+        mask is rebuilt only then (host-side counters, no device sync).
+        """
+        key = tuple(r.params.ignore_eos or r.generated < r.params.min_tokens for r in self.rows)
+        if key != self._eos_key or self._eos_mask is None:
+            rows = torch.tensor(key, dtype=torch.bool, device=self.device).view(-1, 1)
+            self._eos_key, self._eos_mask = key, rows & self._eos_cols
+        return self._eos_mask
 
     def sample(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
         """Pick one token per row.
@@ -93,9 +103,7 @@ class Sampler:
             penalized = torch.where(logits > 0, logits / self.rep, logits * self.rep)
             logits = torch.where(seen, penalized, logits)
         if self.any_eos_block:
-            eos_cols = torch.zeros(V, dtype=torch.bool, device=logits.device)
-            eos_cols[self.eos_ids] = True
-            logits = logits.masked_fill(self._eos_block_mask() & eos_cols, float("-inf"))
+            logits = logits.masked_fill(self._eos_block_mask(), float("-inf"))
         greedy_tokens = logits.argmax(dim=-1)
         if self.all_greedy:
             return greedy_tokens

@@ -123,6 +123,7 @@ class Engine:
         self.dead: str | None = None
         self.steps = 0
         self.peak_batch = 0  # largest batch decoded so far (tests, benchmarks)
+        self.prefill_rows = 0  # prompts actually prefilled (shared prefixes count once)
 
     # ----------------------------------------------------------------- public API
     def start(self) -> None:
@@ -157,15 +158,22 @@ class Engine:
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> RequestHandle:
         """Queue a request; raise QueueFullError when the waiting queue is full."""
+        return self.submit_many([(request, sink)])[0]
+
+    def submit_many(
+        self, items: Sequence[tuple[GenerationRequest, EventSink]]
+    ) -> list[RequestHandle]:
+        """Queue several requests atomically (all or none), so that they are admitted
+        together when the batch has room — a sweep's points then share one prefill."""
         if not self.alive or self._stopping:
             raise EngineUnavailableError(self.dead or "the engine is not running")
-        handle = RequestHandle(request)
+        handles = [RequestHandle(req) for req, _ in items]
         with self._cond:
-            if len(self._waiting) >= self.config.max_queue:
+            if len(self._waiting) + len(items) > self.config.max_queue:
                 raise QueueFullError(self.config.max_queue)
-            self._waiting.append((handle, sink))
+            self._waiting.extend(zip(handles, [sink for _, sink in items], strict=True))
             self._cond.notify_all()
-        return handle
+        return handles
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
@@ -214,8 +222,18 @@ class Engine:
             self._step()
 
     def _prefill(self, new: Sequence[tuple[RequestHandle, EventSink]]) -> None:
-        prompts = [h.request.prompt_ids for h, _ in new]
-        cache, mask, last, logits = self.runner.prefill(prompts)
+        # Rows with the same prompt (a sweep's grid points) share one prefill: the
+        # unique prompts run once and their cache rows are copied to every user.
+        unique: dict[tuple[int, ...], int] = {}
+        owner = [unique.setdefault(h.request.prompt_ids, len(unique)) for h, _ in new]
+        cache, mask, last, logits = self.runner.prefill(list(unique))
+        if len(unique) != len(new):
+            idx = torch.tensor(owner, dtype=torch.long, device=self.device)
+            for layer in cache.layers:
+                layer.keys = layer.keys.index_select(0, idx)
+                layer.values = layer.values.index_select(0, idx)
+            mask, last, logits = mask[idx], last[idx], logits[idx]
+        self.prefill_rows += len(unique)
         self.batch.add(cache, mask, last, logits)
         for handle, sink in new:
             req = handle.request
@@ -251,6 +269,11 @@ class Engine:
         names: list[str] = []
         if self._any_diag:
             stats = step_stats(base, steered, tokens)
+            # Processors cannot know the emitted token in apply(); they register (B, V)
+            # tables under extras["token_stats"] and we gather them here (NaN = undefined).
+            idx = tokens.view(-1, 1)
+            for name, table in ctx.extras.get("token_stats", {}).items():
+                ctx.stats[name] = table.gather(1, idx).squeeze(1)
             extra = sorted(ctx.stats)
             names = list(STEP_STAT_NAMES) + extra
             cols = [tokens.double().view(-1, 1), stats.double()]

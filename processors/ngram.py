@@ -1,0 +1,602 @@
+"""n-gram style prior injection: ``logits += λ · s(log p_style(· | last two tokens))``.
+
+After "Limits of n-gram Style Control for LLMs via Logit-Space Injection". A *prior*
+(:class:`NgramPrior`) is a 1-to-3-gram model over the serving model's token ids, trained
+on a style corpus (``processors.ngram_tables`` holds the counting and the estimators).
+The processor looks the current context up for the whole batch on the device:
+
+* the unigram is a dense ``(P, V)`` tensor (one row per prior used by the batch);
+* orders 2 and 3 are sorted int64 context-key arrays with contiguous slices of
+  (next-token id, value) and one backoff weight per context. ``torch.searchsorted``
+  finds every row's context at once; each row's slice is gathered as a ``(B, L)`` block
+  (``L`` = the longest slice of the table, ``≤ V``) and scattered into a ``(B, V)``
+  probability buffer. Cost per step: O(B·V + B·L), independent of corpus size, with
+  no host sync.
+
+Request parameters (``steering[]`` entry):
+
+* ``prior`` — the artifact's name (unknown → 404; built for another tokenizer → 400);
+* ``lambda`` — strength in ``[0, 1]`` (default 0.1). Values above 1 (up to
+  :data:`MAX_LAMBDA`) are accepted only with ``"allow_lambda_above_one": true`` in the
+  same entry. ``lambda = 0`` leaves the row's logits bit-identical;
+* ``weights`` — ``[w1, w2, w3]`` for ``jelinek_mercer`` priors (default: the prior's
+  build-time weights). Non-negative with ``w1 > 0``: the unigram term is what gives
+  every token a non-zero probability. They are renormalized over the orders whose
+  context was seen. Kneser–Ney priors take no weights;
+* ``scale`` — ``"raw"`` (``s`` = identity) or ``"zscore"``: the prior's log-probs are
+  standardized over the vocabulary per row, so λ means the same across corpora.
+
+Token ids the model can emit but the prior does not know (a model vocabulary padded past
+the tokenizer's size) get the row's *least* likely prior value: they are never favoured.
+
+Diagnostics: when the batch wants them, the processor registers a ``(B, V)`` table of
+``−log p_style`` under ``ctx.extras["token_stats"]["style_nll"]``; the engine gathers it
+at the sampled tokens after sampling (NaN for rows without a prior), which the summary
+turns into ``style_ppl``. With several ngram entries in one row, the last one reports.
+
+Example:
+    >>> import torch
+    >>> from processors.base import ProcessorEnv, StepContext
+    >>> prior = NgramPrior.build("demo", [[0, 1, 2, 0, 1, 3]], vocab_size=4)
+    >>> env = ProcessorEnv(vocab_size=4, resources={"priors": {"demo": prior}})
+    >>> spec = NgramProcessor.validate({"prior": "demo", "lambda": 1.0}, env)
+    >>> p = NgramProcessor(torch.device("cpu"), 4)
+    >>> p.update_state([spec, None])
+    >>> x = torch.zeros(2, 4)
+    >>> out = p.apply(StepContext(base_logits=x, last_tokens=torch.tensor([[0, 1]] * 2)), x)
+    >>> bool(out[0].argmax() in (2, 3)), bool(torch.equal(out[1], x[1]))
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from processors.base import ParamError, Processor, ProcessorEnv, StepContext, check_keys
+from processors.ngram_tables import (
+    DEFAULT_ADD_K,
+    DEFAULT_DISCOUNT,
+    DEFAULT_WEIGHTS,
+    ESTIMATORS,
+    NgramTables,
+    OrderTable,
+    ProgressFn,
+    build_tables,
+    tables_from_arrays,
+    tables_to_arrays,
+)
+from processors.stack import register
+
+MAX_LAMBDA = 100.0
+ARTIFACT_FORMAT = 1
+TOKEN_STATS = "token_stats"  # ctx.extras key: name -> (B, V) table gathered after sampling
+Scale = Literal["raw", "zscore"]
+_SENTINEL_KEY = torch.iinfo(torch.int64).max
+
+
+def check_weights(value: Any, param: str = "weights") -> tuple[float, float, float]:
+    """Validate ``[w1, w2, w3]``: finite, non-negative, ``w1 > 0``."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ParamError(
+            param, f"'{param}' must be a list of 3 numbers [w1, w2, w3], got {value!r}"
+        )
+    out: list[float] = []
+    for i, w in enumerate(value):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ParamError(f"{param}.{i}", f"'{param}[{i}]' must be a finite number, got {w!r}")
+        if w < 0:
+            raise ParamError(f"{param}.{i}", f"'{param}[{i}]' must be >= 0, got {w}")
+        out.append(float(w))
+    if out[0] <= 0:
+        raise ParamError(
+            f"{param}.0",
+            f"'{param}[0]' (the unigram weight) must be > 0 so that every token keeps a "
+            f"non-zero probability, got {out[0]}",
+        )
+    return out[0], out[1], out[2]
+
+
+# ------------------------------------------------------------------ device tables
+@dataclass(frozen=True)
+class DeviceOrder:
+    """One order's table on the device, with a sentinel context and a sentinel entry.
+
+    ``keys (C+1,)`` ends with ``INT64_MAX`` so ``searchsorted`` always lands on a valid
+    index; ``offsets (C+2,)`` gives the sentinel an empty slice; ``next_ids``/``values``
+    ``(E+1,)`` end with an entry (id 0, value 0) that padded gathers point at, so
+    scattering it adds exactly zero. ``max_len`` is the longest slice ``L``.
+    """
+
+    keys: torch.Tensor
+    offsets: torch.Tensor
+    next_ids: torch.Tensor
+    values: torch.Tensor
+    gamma: torch.Tensor
+    max_len: int
+
+    @property
+    def sentinel_entry(self) -> int:
+        """Index of the zero entry."""
+        return int(self.next_ids.shape[0]) - 1
+
+
+@dataclass(frozen=True)
+class DeviceTables:
+    """The tables of ``P`` priors (sharing one vocabulary) stacked for one batch.
+
+    Context keys of prior ``p`` are offset by ``p·V`` (order 2) or ``p·V²`` (order 3),
+    so the concatenation stays sorted. ``unigram`` is ``(P, V)``.
+    """
+
+    vocab_size: int
+    unigram: torch.Tensor
+    bi: DeviceOrder
+    tri: DeviceOrder
+
+
+def _device_order(
+    tables: Sequence[OrderTable], key_stride: int, device: torch.device, dtype: torch.dtype
+) -> DeviceOrder:
+    keys, offsets, nxt, vals, gamma = [], [], [], [], []
+    base = 0
+    for p, t in enumerate(tables):
+        keys.append(t.keys + p * key_stride)
+        offsets.append(t.offsets[:-1] + base)
+        nxt.append(t.next_ids)
+        vals.append(t.values)
+        gamma.append(t.gamma)
+        base += t.entries
+    keys.append(np.array([_SENTINEL_KEY], dtype=np.int64))
+    offsets.append(np.array([base, base], dtype=np.int64))
+    nxt.append(np.zeros(1, dtype=np.int64))
+    vals.append(np.zeros(1))
+    gamma.append(np.zeros(1))
+    max_len = max((t.max_len for t in tables), default=0)
+
+    def put(parts: list[np.ndarray], dt: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate(parts)).to(device=device, dtype=dt)
+
+    return DeviceOrder(
+        keys=put(keys, torch.int64),
+        offsets=put(offsets, torch.int64),
+        next_ids=put(nxt, torch.int64),
+        values=put(vals, dtype),
+        gamma=put(gamma, dtype),
+        max_len=max_len,
+    )
+
+
+_COMBINED: OrderedDict[tuple[Any, ...], DeviceTables] = OrderedDict()
+_COMBINED_LOCK = threading.Lock()
+_COMBINED_MAX = 8
+
+
+def device_tables(
+    priors: Sequence[NgramPrior], device: torch.device, dtype: torch.dtype = torch.float32
+) -> DeviceTables:
+    """Stacked device tables of ``priors`` (cached per combination, LRU of 8)."""
+    key = (tuple(p.uid for p in priors), str(device), dtype)
+    with _COMBINED_LOCK:
+        hit = _COMBINED.get(key)
+        if hit is not None:
+            _COMBINED.move_to_end(key)
+            return hit
+    V = priors[0].vocab_size
+    if any(p.vocab_size != V for p in priors):
+        raise ValueError("priors stacked in one batch must share one vocabulary")
+    tabs = [p.tables for p in priors]
+    built = DeviceTables(
+        vocab_size=V,
+        unigram=torch.from_numpy(np.stack([t.unigram for t in tabs])).to(device, dtype),
+        bi=_device_order([t.bi for t in tabs], V, device, dtype),
+        tri=_device_order([t.tri for t in tabs], V * V, device, dtype),
+    )
+    with _COMBINED_LOCK:
+        _COMBINED[key] = built
+        while len(_COMBINED) > _COMBINED_MAX:
+            _COMBINED.popitem(last=False)
+    return built
+
+
+def _find(order: DeviceOrder, key: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Locate ``key (B,)`` in ``order``; returns (found, start, length, gamma), all (B,)."""
+    idx = torch.searchsorted(order.keys, key.contiguous())  # (B,) in [0, C]
+    found = ok & (order.keys[idx] == key)
+    start = order.offsets[idx]
+    length = torch.where(found, order.offsets[idx + 1] - start, torch.zeros_like(start))
+    return found, start, length, order.gamma[idx]
+
+
+def _scatter(
+    probs: torch.Tensor,
+    order: DeviceOrder,
+    start: torch.Tensor,
+    length: torch.Tensor,
+    coef: torch.Tensor,
+) -> None:
+    """``probs[b, next_ids[e]] += coef[b] · values[e]`` for each entry ``e`` of row b's slice.
+
+    The slice is gathered as a fixed ``(B, L)`` block whose tail points at the zero
+    sentinel entry, so there is no data-dependent shape and no host sync.
+    """
+    L = order.max_len
+    if L == 0:
+        return
+    j = torch.arange(L, device=probs.device)  # (L,)
+    pos = start.unsqueeze(1) + j  # (B, L)
+    pos = torch.where(j < length.unsqueeze(1), pos, torch.full_like(pos, order.sentinel_entry))
+    ids = order.next_ids[pos]  # (B, L)
+    vals = order.values[pos] * coef.unsqueeze(1)  # (B, L)
+    probs.scatter_add_(1, ids, vals)
+
+
+def style_logprobs(
+    tables: DeviceTables,
+    last_tokens: torch.Tensor,
+    prior_idx: torch.Tensor,
+    weights: torch.Tensor,
+    is_kn: torch.Tensor,
+) -> torch.Tensor:
+    """``log p_style(· | context)`` for every row: ``(B, V_prior)``.
+
+    Args:
+        tables: stacked tables of the batch's priors.
+        last_tokens: ``(B, 2)`` int64, oldest first; ``-1`` (or any id outside the
+            prior's vocabulary) means "no token": that order then does not match.
+        prior_idx: ``(B,)`` int64 which prior of ``tables`` each row uses.
+        weights: ``(B, 3)`` Jelinek–Mercer weights (ignored for Kneser–Ney rows).
+        is_kn: ``(B,)`` bool, rows whose prior is Kneser–Ney.
+    """
+    V = tables.vocab_size
+    u, v = last_tokens[:, 0], last_tokens[:, 1]
+    ok2 = (v >= 0) & (v < V)
+    ok3 = ok2 & (u >= 0) & (u < V)
+    vv, uu = v.clamp(0, V - 1), u.clamp(0, V - 1)
+    found2, start2, len2, g2 = _find(tables.bi, prior_idx * V + vv, ok2)
+    found3, start3, len3, g3 = _find(tables.tri, (prior_idx * V + uu) * V + vv, ok3)
+    m2, m3 = found2.to(weights.dtype), found3.to(weights.dtype)
+    one = torch.ones_like(m2)
+    # Jelinek–Mercer: weights renormalized over the matched orders (w1 > 0 always).
+    jm = weights * torch.stack([one, m2, m3], dim=1)  # (B, 3)
+    jm = jm / jm.sum(dim=1, keepdim=True)
+    # Kneser–Ney: p = [m3](a3 + g3·q2) + [¬m3] q2, q2 = [m2](a2 + g2·p1) + [¬m2] p1.
+    kn2 = torch.where(found3, g3, one)
+    kn1 = kn2 * torch.where(found2, g2, one)
+    kn = torch.stack([kn1, kn2, m3], dim=1)
+    coef = torch.where(is_kn.unsqueeze(1), kn, jm)  # (B, 3)
+    probs = tables.unigram.index_select(0, prior_idx) * coef[:, :1]  # (B, V)
+    _scatter(probs, tables.bi, start2, len2, coef[:, 1])
+    _scatter(probs, tables.tri, start3, len3, coef[:, 2])
+    return probs.log()
+
+
+# ------------------------------------------------------------------ the artifact
+@dataclass(eq=False)
+class NgramPrior:
+    """A trained style prior: tables plus what it was built from and for.
+
+    Attributes:
+        name: artifact name.
+        tables: the estimator's numbers (host, float64).
+        tokenizer_fingerprint: the tokenizer whose ids the prior counts.
+        default_weights: Jelinek–Mercer weights used when a request gives none.
+        info: descriptive metadata (corpus, counts, build parameters, timing) as shown by
+            ``GET /v1/priors/{name}``.
+        uid: unique per loaded object (keys the device-table cache).
+    """
+
+    name: str
+    tables: NgramTables
+    tokenizer_fingerprint: str = ""
+    default_weights: tuple[float, float, float] = DEFAULT_WEIGHTS
+    info: dict[str, Any] = field(default_factory=dict)
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def estimator(self) -> str:
+        """``jelinek_mercer`` or ``kneser_ney``."""
+        return self.tables.estimator
+
+    @property
+    def vocab_size(self) -> int:
+        """The prior's vocabulary size ``V``."""
+        return self.tables.vocab_size
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        documents: Iterable[Sequence[int] | np.ndarray],
+        vocab_size: int,
+        *,
+        estimator: str = "jelinek_mercer",
+        weights: tuple[float, float, float] = DEFAULT_WEIGHTS,
+        add_k: float = DEFAULT_ADD_K,
+        discount: float = DEFAULT_DISCOUNT,
+        tokenizer_fingerprint: str = "",
+        info: Mapping[str, Any] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> NgramPrior:
+        """Count tokenized ``documents`` and build a prior (see ``build_tables``)."""
+        t0 = time.perf_counter()
+        tables, counts = build_tables(
+            documents, vocab_size, estimator, add_k=add_k, discount=discount, progress=progress
+        )
+        params: dict[str, Any] = (
+            {"weights": list(weights), "add_k": add_k}
+            if estimator == "jelinek_mercer"
+            else {"discount": discount}
+        )
+        meta: dict[str, Any] = dict(info or {})
+        meta.update(
+            estimator=estimator,
+            orders=[1, 2, 3],
+            vocab_size=vocab_size,
+            params=params,
+            counts={
+                "tokens": counts.tokens,
+                "documents": counts.documents,
+                "unigrams": int((counts.unigram > 0).sum()),
+                "bigrams": int(counts.bi_keys.size),
+                "trigrams": int(counts.tri_keys.size),
+                "bigram_contexts": tables.bi.contexts,
+                "trigram_contexts": tables.tri.contexts,
+                "max_continuations": [tables.bi.max_len, tables.tri.max_len],
+            },
+            build_seconds=round(time.perf_counter() - t0, 4),
+        )
+        return cls(name, tables, tokenizer_fingerprint, tuple(weights), meta)  # type: ignore[arg-type]
+
+    # ---- persistence (server.artifacts stores the arrays and this metadata)
+    def to_artifact(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Arrays (float64/int64, no pickle) and JSON-able metadata."""
+        meta = {
+            "format": ARTIFACT_FORMAT,
+            "estimator": self.estimator,
+            "vocab_size": self.vocab_size,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "default_weights": list(self.default_weights),
+            "info": self.info,
+        }
+        return tables_to_arrays(self.tables), meta
+
+    @classmethod
+    def from_artifact(
+        cls, name: str, arrays: dict[str, np.ndarray], meta: Mapping[str, Any]
+    ) -> NgramPrior:
+        """Rebuild a stored prior; raises ValueError if anything is inconsistent."""
+        if meta.get("format") != ARTIFACT_FORMAT:
+            raise ValueError(f"unsupported prior format {meta.get('format')!r}")
+        estimator = meta.get("estimator")
+        vocab = meta.get("vocab_size")
+        if not isinstance(estimator, str) or not isinstance(vocab, int):
+            raise ValueError("metadata lacks 'estimator'/'vocab_size'")
+        tables = tables_from_arrays(arrays, estimator, vocab)
+        weights = check_weights(meta.get("default_weights", list(DEFAULT_WEIGHTS)))
+        info = meta.get("info", {})
+        return cls(
+            name,
+            tables,
+            str(meta.get("tokenizer_fingerprint", "")),
+            weights,
+            dict(info) if isinstance(info, Mapping) else {},
+        )
+
+    # ---- host reference
+    def logprobs(
+        self,
+        context: Sequence[int],
+        weights: Sequence[float] | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> np.ndarray:
+        """``log p(· | context)`` as ``(V,)`` numpy, via the same code as the device path.
+
+        ``context`` holds the last 0, 1 or 2 tokens (oldest first).
+        """
+        ctx = [-1, -1, *[int(t) for t in context]][-2:]
+        tables = device_tables([self], torch.device("cpu"), dtype)
+        w = torch.tensor([list(weights or self.default_weights)], dtype=dtype)
+        out = style_logprobs(
+            tables,
+            torch.tensor([ctx], dtype=torch.long),
+            torch.zeros(1, dtype=torch.long),
+            w,
+            torch.tensor([self.estimator == "kneser_ney"]),
+        )
+        return out[0].numpy()
+
+
+# ------------------------------------------------------------------ the processor
+@dataclass(frozen=True)
+class NgramSpec:
+    """One request's validated ngram entry."""
+
+    prior: NgramPrior
+    lam: float
+    weights: tuple[float, float, float]
+    scale: Scale
+
+
+def add_token_stat(ctx: StepContext, name: str, table: torch.Tensor, rows: torch.Tensor) -> None:
+    """Register ``table (B, V)`` to be gathered at the sampled tokens as stat ``name``.
+
+    Rows where ``rows (B, 1)`` is false become NaN ("undefined"); a table already
+    registered under ``name`` by an earlier processor keeps those rows.
+    """
+    stats: dict[str, torch.Tensor] = ctx.extras.setdefault(TOKEN_STATS, {})
+    prev = stats.get(name)
+    fallback = prev if prev is not None else torch.full_like(table, math.nan)
+    stats[name] = torch.where(rows, table, fallback)
+
+
+def _pad_columns(x: torch.Tensor, V: int, fill: torch.Tensor) -> torch.Tensor:
+    """Fit ``x (B, Vp)`` to the model's ``V`` columns: cut, or pad with ``fill (B, 1)``."""
+    Vp = x.shape[1]
+    if Vp == V:
+        return x
+    if Vp > V:
+        return x[:, :V]
+    return torch.cat([x, fill.expand(-1, V - Vp)], dim=1)
+
+
+class NgramProcessor(Processor[NgramSpec]):
+    """Add ``λ · s(log p_style(· | last two tokens))`` to each steered row's logits.
+
+    See the module docstring for the parameters and a runnable example.
+    """
+
+    type_name = "ngram"
+
+    @classmethod
+    def validate(cls, params: Mapping[str, Any], env: ProcessorEnv) -> NgramSpec:
+        check_keys(params, {"prior", "lambda", "weights", "scale", "allow_lambda_above_one"})
+        name = params.get("prior")
+        if not isinstance(name, str) or not name:
+            raise ParamError("prior", f"'prior' must be the name of a prior, got {name!r}")
+        priors = env.resources.get("priors") or {}
+        prior = priors.get(name)
+        if not isinstance(prior, NgramPrior):
+            raise ParamError("prior", f"unknown prior '{name}'", status=404)
+        if prior.tokenizer_fingerprint != env.tokenizer_fingerprint:
+            raise ParamError(
+                "prior",
+                f"prior '{name}' was built with another tokenizer (fingerprint "
+                f"{prior.tokenizer_fingerprint[:12] or '?'}) than the serving model's "
+                f"({env.tokenizer_fingerprint[:12] or '?'}); rebuild it for this model",
+            )
+        allow = params.get("allow_lambda_above_one", False)
+        if not isinstance(allow, bool):
+            raise ParamError(
+                "allow_lambda_above_one",
+                f"'allow_lambda_above_one' must be true or false, got {allow!r}",
+            )
+        hi = MAX_LAMBDA if allow else 1.0
+        try:
+            lam = _number(params, "lambda", 0.1, hi)
+        except ParamError as err:
+            if allow or "must be in" not in err.message:
+                raise
+            raise ParamError(
+                "lambda", err.message + ' (set "allow_lambda_above_one": true to go above 1)'
+            ) from None
+        raw_weights = params.get("weights")
+        if raw_weights is None:
+            weights = prior.default_weights
+        elif prior.estimator != "jelinek_mercer":
+            raise ParamError(
+                "weights",
+                f"'weights' apply to jelinek_mercer priors only; prior '{name}' uses "
+                f"{prior.estimator}",
+            )
+        else:
+            weights = check_weights(raw_weights)
+        scale = params.get("scale", "raw")
+        if scale not in ("raw", "zscore"):
+            raise ParamError("scale", f"'scale' must be 'raw' or 'zscore', got {scale!r}")
+        return NgramSpec(prior, lam, weights, scale)
+
+    def update_state(self, specs: Sequence[NgramSpec | None]) -> None:
+        B = len(specs)
+        uids: dict[str, int] = {}
+        priors: list[NgramPrior] = []
+        pidx, lam, weights, kn, zs, used = [], [], [], [], [], []
+        for spec in specs:
+            if spec is None:
+                pidx.append(0)
+                lam.append(0.0)
+                weights.append(DEFAULT_WEIGHTS)
+                kn.append(False)
+                zs.append(False)
+                used.append(False)
+                continue
+            if spec.prior.uid not in uids:
+                uids[spec.prior.uid] = len(priors)
+                priors.append(spec.prior)
+            pidx.append(uids[spec.prior.uid])
+            lam.append(spec.lam)
+            weights.append(spec.weights)
+            kn.append(spec.prior.estimator == "kneser_ney")
+            zs.append(spec.scale == "zscore")
+            used.append(True)
+        self._active = bool(priors)
+        self._any_steer = self._any_zscore = False
+        if not priors:
+            return
+        # Stack the priors in a canonical order so the device-table cache hits whatever
+        # the row order of the batch.
+        order = sorted(range(len(priors)), key=lambda i: priors[i].uid)
+        rank = {old: new for new, old in enumerate(order)}
+        priors = [priors[i] for i in order]
+        pidx = [rank[i] for i in pidx]
+        dev = self.device
+        self.tables = device_tables(priors, dev, torch.float32)
+        self.prior_idx = torch.tensor(pidx, dtype=torch.long, device=dev)  # (B,)
+        self.lam = torch.tensor(lam, dtype=torch.float32, device=dev).view(B, 1)  # (B, 1)
+        self.weights = torch.tensor(weights, dtype=torch.float32, device=dev)  # (B, 3)
+        self.is_kn = torch.tensor(kn, dtype=torch.bool, device=dev)  # (B,)
+        self.zscore = torch.tensor(zs, dtype=torch.bool, device=dev).view(B, 1)  # (B, 1)
+        self.used = torch.tensor(used, dtype=torch.bool, device=dev).view(B, 1)  # (B, 1)
+        # λ = 0 rows keep their logits bit-for-bit (they still report style_nll).
+        steer = [u and x != 0.0 for u, x in zip(used, lam, strict=True)]
+        self.steer = torch.tensor(steer, dtype=torch.bool, device=dev).view(B, 1)  # (B, 1)
+        self._any_steer = any(steer)
+        self._any_zscore = any(z and s for z, s in zip(zs, steer, strict=True))
+
+    def apply(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
+        if not (self._any_steer or ctx.want_stats):
+            return logits
+        B, V = logits.shape
+        logp = style_logprobs(  # (B, Vp)
+            self.tables, ctx.last_tokens, self.prior_idx, self.weights, self.is_kn
+        )
+        if ctx.want_stats:
+            nll = -logp
+            add_token_stat(ctx, "style_nll", _pad_columns(nll, V, nll.amax(1, True)), self.used)
+        if not self._any_steer:
+            return logits
+        s = logp
+        if self._any_zscore:
+            centred = logp - logp.mean(dim=1, keepdim=True)
+            # Population std by hand: Tensor.std is several times slower on CPU.
+            std = centred.square().mean(dim=1, keepdim=True).sqrt().clamp_min(1e-6)
+            s = torch.where(self.zscore, centred / std, logp)
+        s = _pad_columns(s, V, s.amin(1, True))
+        # Out of place, and rows with λ = 0 or no prior take ``logits`` unchanged.
+        return torch.where(self.steer, logits + self.lam * s.to(logits.dtype), logits)
+
+
+def _number(params: Mapping[str, Any], key: str, default: float, hi: float) -> float:
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParamError(key, f"'{key}' must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ParamError(key, f"'{key}' must be finite, got {value}")
+    if not 0.0 <= value <= hi:
+        raise ParamError(key, f"'{key}' must be in [0, {hi:g}], got {value:g}")
+    return value
+
+
+register(NgramProcessor)
+
+__all__ = [
+    "ESTIMATORS",
+    "MAX_LAMBDA",
+    "NgramPrior",
+    "NgramProcessor",
+    "NgramSpec",
+    "add_token_stat",
+    "check_weights",
+    "device_tables",
+    "style_logprobs",
+]

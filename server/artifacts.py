@@ -1,0 +1,331 @@
+"""Named artifacts on disk: atomic, checksummed, pickle-free; and an in-memory registry.
+
+An artifact ``NAME`` of a store rooted at ``DIR`` is two files:
+
+* ``DIR/NAME.safetensors`` — the arrays (numpy, any safetensors dtype; no pickle);
+* ``DIR/NAME.json`` — ``{"format", "kind", "name", "sha256", "bytes", "created_at",
+  "meta"}``; ``sha256``/``bytes`` describe the data file, ``meta`` is the owner's JSON.
+
+Writes go to a temporary file in the same directory, are fsynced and renamed into
+place, then the directory is fsynced. The data file is written first and the JSON last,
+so the JSON is the commit point: a crash leaves either no artifact or a complete one
+(an orphaned data file or temp file is ignored and cleaned up at the next scan). At load,
+an artifact whose JSON does not parse, whose data file is missing, differs from its
+checksum or fails the owner's decoder is *reported and skipped*, never loaded half.
+
+The store is generic: priors use it now, control vectors can reuse it with their own
+``kind`` and codec (:class:`ArtifactRegistry`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+log = logging.getLogger("steerserve.artifacts")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+STORE_FORMAT = 1
+_DATA_SUFFIX = ".safetensors"
+_META_SUFFIX = ".json"
+
+
+class ArtifactError(Exception):
+    """Base class of store errors."""
+
+
+class InvalidNameError(ArtifactError, ValueError):
+    """The name does not match :data:`NAME_RE`."""
+
+
+class ArtifactExistsError(ArtifactError):
+    """The name is taken (by a loaded, pending or corrupt artifact)."""
+
+
+class ArtifactNotFoundError(ArtifactError, KeyError):
+    """No artifact of that name."""
+
+
+class CorruptArtifactError(ArtifactError):
+    """The files on disk are unreadable or fail their checksum."""
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid artifact name, else raise InvalidNameError."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise InvalidNameError(
+            f"invalid name {name!r}: names are 1-64 characters of letters, digits, '.', "
+            "'_' and '-', starting with a letter or digit"
+        )
+    return name
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem can fsync a directory
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + rename + directory fsync."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """One artifact as read back from disk."""
+
+    name: str
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+    sha256: str
+    bytes: int
+    created_at: float
+
+
+class ArtifactStore:
+    """The files of one artifact kind under ``root`` (created if missing)."""
+
+    def __init__(self, root: Path, kind: str) -> None:
+        self.root = Path(root)
+        self.kind = kind
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def _paths(self, name: str) -> tuple[Path, Path]:
+        check_name(name)
+        return self.root / f"{name}{_DATA_SUFFIX}", self.root / f"{name}{_META_SUFFIX}"
+
+    def exists(self, name: str) -> bool:
+        """Whether a committed (JSON present) artifact, valid or not, has this name."""
+        return self._paths(name)[1].exists()
+
+    def save(
+        self, name: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
+    ) -> StoredArtifact:
+        """Write a new artifact; raise ArtifactExistsError if the name is taken."""
+        data_path, meta_path = self._paths(name)
+        payload = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+        digest = hashlib.sha256(payload).hexdigest()
+        record = {
+            "format": STORE_FORMAT,
+            "kind": self.kind,
+            "name": name,
+            "sha256": digest,
+            "bytes": len(payload),
+            "created_at": time.time(),
+            "meta": dict(meta),
+        }
+        text = json.dumps(record, indent=1, sort_keys=True, allow_nan=False).encode()
+        with self._lock:
+            if meta_path.exists():
+                raise ArtifactExistsError(f"{self.kind} '{name}' already exists")
+            write_atomic(data_path, payload)
+            write_atomic(meta_path, text)  # the commit point
+        return StoredArtifact(
+            name, dict(arrays), dict(meta), digest, len(payload), record["created_at"]
+        )
+
+    def load(self, name: str) -> StoredArtifact:
+        """Read and verify one artifact (CorruptArtifactError / ArtifactNotFoundError)."""
+        data_path, meta_path = self._paths(name)
+        try:
+            raw = meta_path.read_bytes()
+        except FileNotFoundError:
+            raise ArtifactNotFoundError(name) from None
+        try:
+            record = json.loads(raw)
+        except ValueError as exc:
+            raise CorruptArtifactError(f"metadata is not valid JSON: {exc}") from None
+        if not isinstance(record, dict) or record.get("format") != STORE_FORMAT:
+            raise CorruptArtifactError("metadata has an unknown format")
+        if record.get("kind") != self.kind or record.get("name") != name:
+            raise CorruptArtifactError("metadata names another artifact")
+        try:
+            payload = data_path.read_bytes()
+        except FileNotFoundError:
+            raise CorruptArtifactError(f"data file {data_path.name} is missing") from None
+        digest = hashlib.sha256(payload).hexdigest()
+        if len(payload) != record.get("bytes") or digest != record.get("sha256"):
+            raise CorruptArtifactError(
+                f"checksum mismatch: {data_path.name} has sha256 {digest[:12]}… "
+                f"({len(payload)} bytes), metadata says {str(record.get('sha256'))[:12]}… "
+                f"({record.get('bytes')} bytes)"
+            )
+        try:
+            arrays = st_load(payload)
+        except Exception as exc:  # noqa: BLE001 - any parse failure means corrupt
+            raise CorruptArtifactError(f"data file does not parse: {exc}") from None
+        meta = record.get("meta")
+        if not isinstance(meta, dict):
+            raise CorruptArtifactError("metadata lacks 'meta'")
+        return StoredArtifact(
+            name, arrays, meta, digest, len(payload), float(record.get("created_at", 0.0))
+        )
+
+    def delete(self, name: str) -> None:
+        """Remove an artifact (JSON first, so a crash mid-delete leaves no artifact)."""
+        data_path, meta_path = self._paths(name)
+        with self._lock:
+            if not meta_path.exists() and not data_path.exists():
+                raise ArtifactNotFoundError(name)
+            with contextlib.suppress(FileNotFoundError):
+                meta_path.unlink()
+            _fsync_dir(self.root)
+            with contextlib.suppress(FileNotFoundError):
+                data_path.unlink()
+
+    def names(self) -> list[str]:
+        """Committed artifact names (sorted); removes leftover temp files."""
+        out: list[str] = []
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                log.info("removing leftover temporary file %s", p)
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            elif p.suffix == _META_SUFFIX and NAME_RE.fullmatch(p.stem):
+                out.append(p.stem)
+        return out
+
+
+T = TypeVar("T")
+Decoder = Callable[[str, dict[str, np.ndarray], dict[str, Any]], T]
+Encoder = Callable[[T], tuple[dict[str, np.ndarray], dict[str, Any]]]
+
+
+class ArtifactRegistry(Mapping[str, T], Generic[T]):
+    """The loaded artifacts of one kind: a read-only ``Mapping[name, T]`` for processors
+    (``ProcessorEnv.resources``), plus thread-safe add/remove for the API.
+
+    ``decode(name, arrays, meta)`` turns stored arrays into an object (raising
+    ValueError on bad content); ``encode(obj)`` gives ``(arrays, meta)`` back.
+    """
+
+    def __init__(self, store: ArtifactStore, decode: Decoder[T], encode: Encoder[T]) -> None:
+        self.store = store
+        self._decode = decode
+        self._encode = encode
+        self._items: dict[str, T] = {}
+        self._records: dict[str, StoredArtifact] = {}
+        self.corrupt: dict[str, str] = {}
+        self._pending: set[str] = set()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls, root: Path, kind: str, decode: Decoder[T], encode: Encoder[T]
+    ) -> ArtifactRegistry[T]:
+        """Create the store under ``root`` and load everything in it."""
+        reg = cls(ArtifactStore(root, kind), decode, encode)
+        reg.load_all()
+        return reg
+
+    def load_all(self) -> None:
+        """(Re)load every artifact on disk; corrupt ones are logged and listed in
+        ``corrupt`` (name → reason), never registered."""
+        items: dict[str, T] = {}
+        records: dict[str, StoredArtifact] = {}
+        corrupt: dict[str, str] = {}
+        for name in self.store.names():
+            try:
+                stored = self.store.load(name)
+                items[name] = self._decode(name, stored.arrays, stored.meta)
+            except (CorruptArtifactError, ValueError, KeyError, TypeError) as exc:
+                reason = str(exc) or type(exc).__name__
+                log.warning("skipping corrupt %s '%s': %s", self.store.kind, name, reason)
+                corrupt[name] = reason
+                continue
+            records[name] = stored
+        with self._lock:
+            self._items, self._records, self.corrupt = items, records, corrupt
+        log.info(
+            "loaded %d %s artifact(s) from %s (%d skipped as corrupt)",
+            len(items),
+            self.store.kind,
+            self.store.root,
+            len(corrupt),
+        )
+
+    # ---- Mapping
+    def __getitem__(self, name: str) -> T:
+        return self._items[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def record(self, name: str) -> StoredArtifact:
+        """The stored record (checksum, size, creation time) of a loaded artifact."""
+        return self._records[name]
+
+    # ---- mutation
+    @contextlib.contextmanager
+    def reserve(self, name: str) -> Iterator[None]:
+        """Hold ``name`` while an artifact is being built (409 for a concurrent build)."""
+        check_name(name)
+        with self._lock:
+            if name in self._items or name in self._pending or name in self.corrupt:
+                what = "a corrupt artifact (DELETE it first)" if name in self.corrupt else None
+                raise ArtifactExistsError(
+                    f"{self.store.kind} '{name}' already exists" + (f" as {what}" if what else "")
+                )
+            if self.store.exists(name):
+                raise ArtifactExistsError(f"{self.store.kind} '{name}' already exists")
+            self._pending.add(name)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pending.discard(name)
+
+    def add(self, name: str, obj: T) -> StoredArtifact:
+        """Persist ``obj`` under ``name`` and register it."""
+        arrays, meta = self._encode(obj)
+        stored = self.store.save(name, arrays, meta)
+        with self._lock:
+            self._items = {**self._items, name: obj}
+            self._records = {**self._records, name: stored}
+        return stored
+
+    def remove(self, name: str) -> None:
+        """Delete ``name`` from disk and memory (corrupt artifacts included)."""
+        with self._lock:
+            known = name in self._items or name in self.corrupt
+        if not known and not self.store.exists(name):
+            raise ArtifactNotFoundError(name)
+        self.store.delete(name)
+        with self._lock:
+            self._items = {k: v for k, v in self._items.items() if k != name}
+            self._records = {k: v for k, v in self._records.items() if k != name}
+            self.corrupt = {k: v for k, v in self.corrupt.items() if k != name}
