@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.steerserve-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install serve test test-fast lint bench clean
+.PHONY: install serve test test-fast lint bench image-test k8s-render clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/engine.py
+
+## Build the Docker image with buildah (no Docker engine needed), serve from it, check it.
+image-test:
+	deploy/test-image.sh
+
+## Render the Kubernetes overlays (no kubectl needed).
+k8s-render: $(STAMP)
+	$(BIN)/python deploy/render_kustomize.py deploy/k8s/overlays/cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
