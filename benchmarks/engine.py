@@ -89,7 +89,8 @@ def main() -> None:
     for c in (1, 4, 8):
         print(f"  server, concurrency {c}        : {med[f'c{c}']:7.1f}")
     print("ratios:")
-    print(f"  (a) server single / generate   : {ratios['single_vs_generate']:.2f}x  (target >= 1.0)")
+    single = ratios["single_vs_generate"]
+    print(f"  (a) server single / generate   : {single:.2f}x  (target >= 1.0)")
     print(f"  (b) concurrency 4 / 1          : {ratios['c4_vs_c1']:.2f}x")
     print(f"  (b) concurrency 8 / 1          : {ratios['c8_vs_c1']:.2f}x  (target >= 3.8)")
     if args.json:

@@ -27,7 +27,7 @@ _IN_FORWARD: set[str] = set()
 
 # Methods the design names whose implementation has not landed in this build yet. A
 # request naming one gets a clear 400 instead of a crash.
-PLANNED_TYPES: tuple[str, ...] = ("control", "fusion", "margin")
+PLANNED_TYPES: tuple[str, ...] = ("control", "fusion")
 
 
 def register(cls: type[Processor[Any]], *, in_forward: bool = False) -> type[Processor[Any]]:
@@ -87,8 +87,38 @@ def parse_stack(
             spec = cls.validate(entry, env)
         except ParamError as err:
             raise err.with_prefix(prefix) from None
+        if any(e.type == type_name and e.spec == spec for e in parsed):
+            raise ParamError(
+                prefix, f"this '{type_name}' entry repeats an earlier one exactly; list it once"
+            )
+        if type_name in _SINGLETONS and any(e.type == type_name for e in parsed):
+            raise ParamError(prefix, f"at most one '{type_name}' entry per request")
         parsed.append(StackEntry(type_name, spec))
     return tuple(parsed)
+
+
+# Types of which a second entry has no meaning (a second guard after the first is a no-op
+# or contradicts it).
+_SINGLETONS = {"margin"}
+
+
+def stack_warnings(stack: Sequence[StackEntry]) -> list[str]:
+    """Legal but probably unintended combinations, reported to the user as warnings."""
+    warnings: list[str] = []
+    types = [e.type for e in stack]
+    if "margin" in types:
+        i = types.index("margin")
+        if not any(t != "margin" for t in types[:i]):
+            warnings.append(
+                "steering: the 'margin' entry has no steering before it to guard; it has no "
+                "effect" + (" (control vectors act in the forward pass and are not guarded)"
+                            if "control" in types else "")
+            )
+        if any(t not in _IN_FORWARD for t in types[i + 1 :]):
+            warnings.append(
+                "steering: entries after 'margin' are not guarded by it; put 'margin' last"
+            )
+    return warnings
 
 
 class ProcessorStack:

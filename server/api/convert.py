@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 from processors.base import ParamError, ProcessorEnv
-from processors.stack import parse_stack
+from processors.stack import parse_stack, stack_warnings
 from server.api.errors import APIError
 from server.api.protocol import GenerateRequest
 from server.engine.types import DiagnosticsMode, GenerationRequest, SamplingParams
@@ -154,4 +154,5 @@ def to_generation_request(
         steering=steering,
         diagnostics=diagnostics,
         arrival=time.monotonic(),
+        warnings=tuple(stack_warnings(steering)),
     )

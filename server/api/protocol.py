@@ -78,6 +78,9 @@ class GenerateResponse(BaseModel):
     finish_reason: str
     usage: Usage
     diagnostics: dict[str, Any] | None = None
+    warnings: list[str] | None = Field(
+        None, description="Legal but probably unintended request settings."
+    )
 
 
 class StreamEvent(BaseModel):
@@ -91,6 +94,7 @@ class StreamEvent(BaseModel):
     finish_reason: str | None = None
     usage: Usage | None = None
     diagnostics: dict[str, Any] | None = None
+    warnings: list[str] | None = None
 
 
 class ModelCard(BaseModel):

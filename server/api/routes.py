@@ -66,14 +66,14 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep) -> 
 
     if body.stream:
         return StreamingResponse(
-            _stream_frames(stream, req.request_id, model),
+            _stream_frames(stream, req.request_id, model, req.warnings),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     watcher = asyncio.create_task(watch_disconnect(request, stream))
     try:
-        response = await collect(stream, req.request_id, model)
+        response = await collect(stream, req.request_id, model, req.warnings)
     finally:
         stream.cancel()
         watcher.cancel()
@@ -82,7 +82,9 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep) -> 
     return JSONResponse(response.model_dump(exclude_none=True))
 
 
-async def collect(stream: EventStream, request_id: str, model: str) -> GenerateResponse:
+async def collect(
+    stream: EventStream, request_id: str, model: str, warnings: tuple[str, ...] = ()
+) -> GenerateResponse:
     """Wait for a request's events and assemble the non-streaming response."""
     tokens: list[int] = []
     text: list[str] = []
@@ -104,6 +106,7 @@ async def collect(stream: EventStream, request_id: str, model: str) -> GenerateR
                     total_tokens=ev.prompt_tokens + ev.completion_tokens,
                 ),
                 diagnostics=ev.diagnostics,
+                warnings=list(warnings) or None,
             )
         else:
             assert isinstance(ev, ErrorEvent)
@@ -111,7 +114,9 @@ async def collect(stream: EventStream, request_id: str, model: str) -> GenerateR
     raise APIError(500, "the engine ended the request without a result")
 
 
-async def _stream_frames(stream: EventStream, request_id: str, model: str) -> AsyncIterator[bytes]:
+async def _stream_frames(
+    stream: EventStream, request_id: str, model: str, warnings: tuple[str, ...] = ()
+) -> AsyncIterator[bytes]:
     """SSE frames for one request; cancels the engine row if the client disconnects."""
     try:
         async for ev in stream.events():
@@ -129,6 +134,8 @@ async def _stream_frames(stream: EventStream, request_id: str, model: str) -> As
                          "finish_reason": ev.finish_reason, "usage": usage}
                 if ev.diagnostics is not None:
                     frame["diagnostics"] = ev.diagnostics
+                if warnings:
+                    frame["warnings"] = list(warnings)
                 yield sse(frame)
             else:
                 assert isinstance(ev, ErrorEvent)

@@ -147,7 +147,9 @@ async def sweep(body: SweepRequest, request: Request, state: StateDep) -> JSONRe
     watcher = asyncio.create_task(watch())
     try:
         responses = await asyncio.gather(*[
-            collect(s, r.request_id, bundle.name) for s, r in zip(streams, reqs, strict=True)])
+            collect(s, r.request_id, bundle.name, r.warnings)
+            for s, r in zip(streams, reqs, strict=True)
+        ])
     finally:
         for s in streams:
             s.cancel()

@@ -31,6 +31,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    # Report the emitted token's logprob and this many top alternatives (None = off).
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -48,14 +50,34 @@ class GenerationRequest:
     steering: tuple[StackEntry, ...] = ()
     diagnostics: DiagnosticsMode = "off"
     arrival: float = 0.0
+    # Wall-clock budget from submission; None = the engine's default (a setting).
+    timeout_s: float | None = None
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Logprob of one emitted token and the ``k`` most likely alternatives.
+
+    Both come from ``log_softmax`` of the *steered* logits (after the processor stack,
+    before the sampler's penalties, temperature and truncation), so they do not depend
+    on temperature and are finite for every token.
+    """
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
 @dataclass(frozen=True)
 class TokenEvent:
-    """New tokens of one request: ``text`` is the newly decodable text (may be '')."""
+    """New tokens of one request: ``text`` is the newly decodable text (may be '').
+
+    ``logprobs`` (aligned with ``token_ids``) is set when the request asked for them.
+    """
 
     token_ids: tuple[int, ...]
     text: str
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +110,7 @@ class RequestHandle:
 
     request: GenerationRequest
     cancelled: bool = field(default=False)
+    submitted: float = 0.0  # time.monotonic() when the engine queued it
 
     def cancel(self) -> None:
         """Ask the engine to drop this request at the next step boundary."""

@@ -1,0 +1,96 @@
+"""Margin calibration on hand-built logits (V = 6)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from processors.base import ParamError, ProcessorEnv, StepContext
+from processors.calibration import MarginCalibration, MarginSpec
+
+CPU = torch.device("cpu")
+ENV = ProcessorEnv(vocab_size=6)
+
+
+def run(base, steered, specs, want_stats=False):
+    p = MarginCalibration(CPU, 6)
+    p.update_state(specs)
+    ctx = StepContext(base_logits=torch.tensor(base), last_tokens=torch.full((len(base), 2), -1),
+                      want_stats=want_stats)
+    return p.apply(ctx, torch.tensor(steered)), ctx
+
+
+def test_confident_row_is_guarded_unsure_row_untouched():
+    base = [[5.0, 1.0, 0, 0, 0, 0],      # p0(0) ≈ 0.95, m0 = 4
+            [1.0, 0.9, 0.8, 0.7, 0, 0]]  # unsure: p0 ≈ 0.3
+    steered = [[5.0, 7.0, 0, 0, 0, 0], [1.0, 3.0, 0.8, 0.7, 0, 0]]
+    spec = MarginSpec(tau=0.5, gamma=1.0)
+    out, ctx = run(base, steered, [spec, spec], want_stats=True)
+    assert out[0, 0] == pytest.approx(7.0 + 4.0) and out[0, 1] == 7.0
+    assert torch.equal(out[1], torch.tensor(steered[1]))
+    assert ctx.stats["margin_acted"].tolist() == [1.0, 0.0]
+    assert ctx.stats["margin_confident"].tolist() == [1.0, 0.0]
+
+
+def test_only_the_guarded_token_changes_and_other_rows_are_bit_identical():
+    torch.manual_seed(0)
+    base = torch.randn(3, 6) * 3
+    base[0, 2] = 20.0  # row 0 confident in token 2
+    steered = base + torch.randn(3, 6) * 10
+    out, ctx = run(base.tolist(), steered.tolist(), [MarginSpec(0.5, 0.5), None, None], True)
+    assert torch.equal(out[1:], torch.tensor(steered.tolist())[1:])
+    changed = (out[0] != torch.tensor(steered.tolist())[0]).nonzero().view(-1).tolist()
+    assert changed in ([], [2])
+    assert math.isnan(ctx.stats["margin_acted"][1])
+
+
+def test_gamma_zero_ties_and_gamma_one_restores_margin():
+    base = [[3.0, 0.0, 0, 0, 0, 0]]  # m0 = 3
+    steered = [[1.0, 4.0, 0, 0, 0, 0]]
+    out, _ = run(base, steered, [MarginSpec(0.1, 0.0)])
+    assert out[0, 0] == 4.0  # ties the best other token
+    out, _ = run(base, steered, [MarginSpec(0.1, 1.0)])
+    assert out[0, 0] - out[0, 1] == pytest.approx(3.0)
+    # Already above the target: left alone.
+    out, _ = run(base, [[9.0, 4.0, 0, 0, 0, 0]], [MarginSpec(0.1, 1.0)])
+    assert out[0, 0] == 9.0
+
+
+def test_base_tie_has_zero_margin():
+    base = [[2.0, 2.0, 0, 0, 0, 0]]  # tie: t = one of them, m0 = 0, p0 ≈ 0.39
+    steered = [[2.0, 2.0, 5.0, 0, 0, 0]]
+    out, _ = run(base, steered, [MarginSpec(0.35, 1.0)])
+    t = int(torch.tensor(base).argmax())
+    assert out[0, t] == 5.0 and out[0, 2] == 5.0
+
+
+def test_tau_threshold_is_inclusive_and_validation():
+    spec = MarginCalibration.validate({"tau": 1.0, "gamma": 0.0}, ENV)
+    assert spec == MarginSpec(1.0, 0.0)
+    assert MarginCalibration.validate({}, ENV) == MarginSpec(0.5, 1.0)
+    for params, param in [({"tau": 0}, "tau"), ({"tau": 1.5}, "tau"), ({"gamma": -0.1}, "gamma"),
+                          ({"gamma": 2}, "gamma"), ({"tau": "a"}, "tau"), ({"x": 1}, "x")]:
+        with pytest.raises(ParamError) as err:
+            MarginCalibration.validate(params, ENV)
+        assert err.value.param == param
+
+
+def test_stack_combinations_are_checked():
+    from processors.stack import parse_stack, stack_warnings
+
+    env = ProcessorEnv(vocab_size=8)
+    bias = {"type": "logit_bias", "bias": {"1": 2}}
+    margin = {"type": "margin", "tau": 0.5}
+    assert stack_warnings(parse_stack([bias, margin], env, max_len=8)) == []
+    [w] = stack_warnings(parse_stack([margin], env, max_len=8))
+    assert "nothing" in w or "no steering" in w
+    w = stack_warnings(parse_stack([margin, bias], env, max_len=8))
+    assert any("put 'margin' last" in x for x in w)
+    with pytest.raises(ParamError) as err:
+        parse_stack([bias, margin, {"type": "margin", "tau": 0.9}], env, max_len=8)
+    assert err.value.param == "steering.2"
+    with pytest.raises(ParamError) as err:
+        parse_stack([bias, bias], env, max_len=8)
+    assert err.value.param == "steering.1" and "repeats" in err.value.message
