@@ -1,0 +1,50 @@
+"""Line charts of a sweep summary (matplotlib, imported only when plotting)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def plot_summary(
+    summary: list[dict[str, Any]], keys: Sequence[str], metrics: Sequence[str], path: Path
+) -> Path:
+    """One panel per metric: mean ± std against ``keys[0]``, a line per combination of
+    the other keys. Uses the Agg canvas directly, so pyplot's global state (and any
+    interactive backend the caller chose) is left alone."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("plot() needs matplotlib: pip install matplotlib") from e
+
+    x_key, others = keys[0], list(keys[1:])
+    x_values = list(dict.fromkeys(entry[x_key] for entry in summary))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x_values)
+
+    fig = Figure(figsize=(5.0 * len(metrics), 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    series: dict[str, list[dict[str, Any]]] = {}
+    for entry in summary:
+        label = ", ".join(f"{k}={entry[k]}" for k in others)
+        series.setdefault(label, []).append(entry)
+    for ax, metric in zip(axes, metrics, strict=True):
+        for label, entries in series.items():
+            xs = [e[x_key] if numeric else x_values.index(e[x_key]) for e in entries]
+            ys = [e.get(f"{metric}_mean", math.nan) for e in entries]
+            err = [e.get(f"{metric}_std", 0.0) for e in entries]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label or None)
+        if not numeric:
+            ax.set_xticks(range(len(x_values)), [json.dumps(v) for v in x_values])
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(metric)
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        if others:
+            ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+    return path

@@ -1,0 +1,126 @@
+"""Typed builders for the entries of a request's ``steering`` list.
+
+Each builder serializes to the wire format of DESIGN.md with ``to_wire()``, leaving out
+fields that are None so the server's defaults apply. Plain dicts are accepted wherever a
+builder is, for methods this SDK does not know yet.
+
+>>> Ngram(prior="kjv", lam=0.1).to_wire()
+{'type': 'ngram', 'prior': 'kjv', 'lambda': 0.1, 'scale': 'raw'}
+>>> LogitBias({50256: -100}).to_wire()
+{'type': 'logit_bias', 'bias': {'50256': -100}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Base of the builders: dataclass fields → wire dict (None omitted)."""
+
+    type_name: ClassVar[str] = ""
+    #: Python field name → wire name, where they differ.
+    wire_names: ClassVar[dict[str, str]] = {}
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object of this steering entry."""
+        out: dict[str, Any] = {"type": self.type_name}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                value = list(value)
+            out[self.wire_names.get(f.name, f.name)] = value
+        return out
+
+
+@dataclass(frozen=True)
+class Ngram(_Entry):
+    """n-gram style prior: ``logits += lam · s(log p_style(· | context))``.
+
+    ``lam`` is sent as ``lambda`` (a Python keyword). ``scale="zscore"`` standardizes
+    the prior over the vocabulary so that λ means the same across corpora.
+    """
+
+    type_name: ClassVar[str] = "ngram"
+    wire_names: ClassVar[dict[str, str]] = {"lam": "lambda"}
+    prior: str
+    lam: float
+    weights: Sequence[float] | None = None
+    scale: Literal["raw", "zscore"] = "raw"
+
+
+@dataclass(frozen=True)
+class Control(_Entry):
+    """Control vector: ``h_ℓ += alpha · v_ℓ`` at the chosen layers and positions."""
+
+    type_name: ClassVar[str] = "control"
+    vector: str
+    alpha: float
+    layers: Sequence[int] | None = None
+    positions: Literal["all", "prompt", "generated"] = "all"
+    preserve_norm: bool = False
+
+
+@dataclass(frozen=True)
+class Fusion(_Entry):
+    """Weak-to-strong logit fusion: ``M_L + Σ_t α_t (M_t − M_S)``.
+
+    ``mode="dynamic"`` searches α per step over ``grid`` (``{"max": 2.0, "step": 0.1}``);
+    ``mode="static"`` uses the fixed ``alpha`` per expert.
+    """
+
+    type_name: ClassVar[str] = "fusion"
+    experts: Sequence[str]
+    base: str
+    mode: Literal["dynamic", "static"] = "dynamic"
+    alpha: Sequence[float] | None = None
+    grid: Mapping[str, float] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object; ``grid`` as a plain dict."""
+        out = super().to_wire()
+        if "grid" in out:
+            out["grid"] = dict(out["grid"])
+        return out
+
+
+@dataclass(frozen=True)
+class Margin(_Entry):
+    """Margin calibration: where the base model is confident (``p0(t) ≥ tau``), keep a
+    steered margin of at least ``gamma · m0`` for its top token."""
+
+    type_name: ClassVar[str] = "margin"
+    tau: float
+    gamma: float
+
+
+@dataclass(frozen=True)
+class LogitBias(_Entry):
+    """Additive bias per token id (OpenAI semantics, values in [-100, 100])."""
+
+    type_name: ClassVar[str] = "logit_bias"
+    bias: Mapping[int, float]
+
+    def to_wire(self) -> dict[str, Any]:
+        """JSON object keys must be strings: ``{"<id>": value}``."""
+        return {"type": self.type_name, "bias": {str(k): v for k, v in self.bias.items()}}
+
+
+SteeringLike = Ngram | Control | Fusion | Margin | LogitBias | Mapping[str, Any]
+
+
+def steering_to_wire(entry: SteeringLike) -> dict[str, Any]:
+    """A builder or a plain mapping as the wire dict (mappings are copied as given)."""
+    if isinstance(entry, _Entry):
+        return entry.to_wire()
+    if isinstance(entry, Mapping):
+        if "type" not in entry:
+            raise ValueError(f"a steering entry needs a 'type', got {dict(entry)!r}")
+        return dict(entry)
+    raise TypeError(f"not a steering entry: {entry!r}")
