@@ -94,6 +94,10 @@ class MarginCalibration(Processor[MarginSpec]):
             ctx.stats["margin_confident"] = torch.where(
                 self.rows, confident.float(), nan).view(-1)
             ctx.stats["margin_acted"] = torch.where(self.rows, acted.float(), nan).view(-1)
+            # A negative flip prevented: confident, and steering had moved the argmax away.
+            flip = confident & (s_vals[:, :1] > current)
+            ctx.stats["margin_flip_prevented"] = torch.where(
+                self.rows, flip.float(), nan).view(-1)
         return logits.scatter(1, t, new_t)
 
 
