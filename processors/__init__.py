@@ -4,7 +4,13 @@ Importing this package registers every processor that ships with this build.
 This package never imports ``server`` (the web layer) — see DESIGN.md.
 """
 
-from processors import calibration, logit_bias, ngram  # noqa: F401  (registers the processors)
+from processors import (  # noqa: F401  (registers the processors)
+    calibration,
+    control,
+    fusion,
+    logit_bias,
+    ngram,
+)
 from processors.base import ParamError, Processor, ProcessorEnv, StepContext
 from processors.stack import ProcessorStack, StackEntry, parse_stack, registered_types
 

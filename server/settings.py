@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
@@ -17,6 +17,23 @@ def default_data_dir() -> Path:
 
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "steerserve"
+
+
+class AuxModelSetting(BaseModel):
+    """One auxiliary model for logit fusion (an entry of ``aux_models``); see
+    ``server.auxiliary`` and docs/fusion.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    role: Literal["small_base", "expert"]
+    source: str = Field(description="Same forms as 'model' (directory, .gguf, embedded:, "
+                        "random:tiny[:SEED[:LAYERS]]).")
+    template: Literal["same", "chat"] = Field(
+        "same", description="'chat': experts get the conversation rendered with their own "
+        "chat template instead of the main model's prompt ids.",
+    )
+    chat_template: str | None = Field(None, description="Jinja chat template (implies 'chat').")
 
 
 class Settings(BaseSettings):
@@ -54,3 +71,53 @@ class Settings(BaseSettings):
     max_corpus_bytes: int = Field(
         32 * 1024 * 1024, ge=1, description="Largest corpus (UTF-8 bytes) a prior is built from."
     )
+    max_n: int = Field(8, ge=1, le=128, description="Largest OpenAI `n` (choices per prompt).")
+    max_prompts: int = Field(
+        16, ge=1, description="Largest number of prompts in one /v1/completions call."
+    )
+    request_timeout_s: float | None = Field(
+        600.0, gt=0, description="Per-request wall-clock budget from submission; a request "
+        "that exceeds it ends with finish_reason 'timeout' and frees its slot. None = none.",
+    )
+    shutdown_grace_s: float = Field(
+        20.0, ge=0, description="On SIGTERM: how long in-flight requests may run on before "
+        "they are aborted (new requests get 503 meanwhile).",
+    )
+
+    # Access.
+    api_key: str | None = Field(
+        None, description="One key or several, comma-separated (STEER_API_KEY). When set, "
+        "every /v1/* call needs 'Authorization: Bearer <key>'.",
+    )
+    auth_exempt_paths: str = Field(
+        "/health,/metrics", description="Comma-separated paths that stay open with a key set."
+    )
+    cors_origins: str = Field(
+        "", description="Comma-separated allowed CORS origins ('*' = any); empty = CORS off."
+    )
+
+    # Logit fusion.
+    aux_models: list[AuxModelSetting] = Field(
+        default_factory=list, description="Auxiliary models for fusion (STEER_AUX_MODELS: a "
+        'JSON list of {"name", "role", "source"[, "template", "chat_template"]}).',
+    )
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The accepted API keys (empty = authentication off)."""
+        return _split(self.api_key or "")
+
+    @property
+    def auth_exempt(self) -> tuple[str, ...]:
+        """Paths that never need a key."""
+        return _split(self.auth_exempt_paths)
+
+    @property
+    def cors_origin_list(self) -> tuple[str, ...]:
+        """Allowed CORS origins (empty = no CORS middleware)."""
+        return _split(self.cors_origins)
+
+
+def _split(value: str) -> tuple[str, ...]:
+    """'a, b,,c' → ('a', 'b', 'c')."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())

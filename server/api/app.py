@@ -11,11 +11,17 @@ from fastapi import FastAPI
 
 import processors  # noqa: F401  (registers the shipped processors)
 from server import __version__
+from server.api.auth import APIKeyAuth
 from server.api.errors import APIError, install_error_handlers
+from server.api.metrics import ServerMetrics
+from server.api.metrics import router as metrics_router
+from server.api.openai_compat import router as openai_router
 from server.api.priors import router as priors_router
 from server.api.routes import router
 from server.api.state import ServerState
 from server.api.sweep import router as sweep_router
+from server.api.vectors import router as vectors_router
+from server.auxiliary import AuxBundle
 from server.loading import ModelBundle
 from server.settings import Settings
 
@@ -92,16 +98,25 @@ class DefaultJSONContentType:
         await self.app(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, bundle: ModelBundle | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    bundle: ModelBundle | None = None,
+    aux_bundles: list[AuxBundle] | None = None,
+) -> FastAPI:
     """Build the app. With ``bundle`` the engine starts at once (tests); otherwise the
-    configured model loads on a background thread while ``/health`` answers 503."""
+    configured model loads on a background thread while ``/health`` answers 503.
+    ``aux_bundles`` are pre-loaded fusion models (default: load ``settings.aux_models``)."""
     settings = settings or Settings()
     state = ServerState(settings)
+    state.metrics = ServerMetrics(
+        running=lambda: state.engine.running if state.engine else 0,
+        waiting=lambda: state.engine.waiting if state.engine else 0,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if bundle is not None:
-            state.attach(bundle)
+            state.attach(bundle, aux_bundles)
         else:
             state.load_in_background(on_error=getattr(app.state, "on_load_error", None))
         try:
@@ -116,10 +131,25 @@ def create_app(settings: Settings | None = None, bundle: ModelBundle | None = No
         lifespan=lifespan,
     )
     app.state.steer = state
+    app.state.metrics = state.metrics
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(sweep_router)
     app.include_router(priors_router)
+    app.include_router(vectors_router)
+    app.include_router(openai_router)
+    app.include_router(metrics_router)
+    # add_middleware wraps: the last added runs first (CORS answers preflights before auth).
     app.add_middleware(DefaultJSONContentType)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(APIKeyAuth, keys=settings.api_keys, exempt=settings.auth_exempt)
+    if settings.cors_origin_list:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origin_list),
+            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app

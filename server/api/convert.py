@@ -15,6 +15,7 @@ from processors.base import ParamError, ProcessorEnv
 from processors.stack import parse_stack, stack_warnings
 from server.api.errors import APIError
 from server.api.protocol import GenerateRequest
+from server.auxiliary import expert_prompts
 from server.engine.types import DiagnosticsMode, GenerationRequest, SamplingParams
 from server.loading import ModelBundle
 from server.settings import Settings
@@ -140,6 +141,8 @@ def to_generation_request(
     entries: list[dict[str, Any]] = [e.model_dump() for e in req.steering]
     try:
         steering = parse_stack(entries, env, max_len=settings.max_steering_entries)
+        # Fusion experts with their own prompt template get their own prompt ids.
+        aux_prompts = expert_prompts(steering, env.resources, req, bundle.tokenizer, max_tokens)
     except ParamError as err:
         raise APIError.from_param_error(err) from None
     diagnostics: DiagnosticsMode = "off"
@@ -155,4 +158,5 @@ def to_generation_request(
         diagnostics=diagnostics,
         arrival=time.monotonic(),
         warnings=tuple(stack_warnings(steering)),
+        aux_prompt_ids=aux_prompts,
     )

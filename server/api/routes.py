@@ -147,7 +147,7 @@ async def _stream_frames(
 
 @router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
 async def list_models(state: StateDep) -> ModelList:
-    """The main model (and, once fusion lands, every auxiliary model with its role)."""
+    """The main model and every auxiliary (fusion) model with its role and vocabulary."""
     bundle, _, env = state.ready()
     card = ModelCard(
         id=bundle.name,
@@ -159,7 +159,20 @@ async def list_models(state: StateDep) -> ModelList:
         dtype=bundle.dtype,
         device=bundle.device,
     )
-    return ModelList(data=[card])
+    aux = [
+        ModelCard(
+            id=a.name,
+            role=a.role,
+            source=a.bundle.source,
+            vocab_size=a.bundle.vocab_size,
+            context_length=a.bundle.context_length,
+            tokenizer_fingerprint=a.fingerprint,
+            dtype=a.bundle.dtype,
+            device=a.bundle.device,
+        )
+        for a in state.aux
+    ]
+    return ModelList(data=[card, *aux])
 
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health}})

@@ -13,9 +13,11 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from processors.base import ProcessorEnv
+from processors.control import GEOMETRY, RESOURCE, ControlVector
 from processors.ngram import NgramPrior
 from server.api.errors import APIError
 from server.artifacts import ArtifactRegistry
+from server.auxiliary import AuxBundle, aux_roles, check_aux, load_aux_models
 from server.engine import (
     Engine,
     EngineConfig,
@@ -42,10 +44,24 @@ class ServerState:
     status: str = "loading"  # loading | ok | error | draining
     detail: str | None = None
     resources: dict[str, Any] = field(default_factory=dict)
+    metrics: Any = None  # server.api.metrics.ServerMetrics (also the engine's observer)
+    _drain_timer: threading.Timer | None = None
+    aux: list[AuxBundle] = field(default_factory=list)  # fusion's auxiliary models
 
-    def attach(self, bundle: ModelBundle) -> None:
-        """Start the engine over a loaded model and mark the server ready."""
+    def attach(self, bundle: ModelBundle, aux: list[AuxBundle] | None = None) -> None:
+        """Start the engine over a loaded model and mark the server ready.
+
+        The auxiliary models of ``settings.aux_models`` load here, after the main model
+        (``aux`` passes pre-loaded ones instead); one whose vocabulary differs from the
+        main model's raises ``AuxModelError`` and the server does not start.
+        """
         s = self.settings
+        if aux is None:
+            aux = load_aux_models(s.aux_models, bundle, s.data_dir)
+        check_aux(bundle, aux)
+        self.aux = aux
+        self.resources["aux_models"] = aux_roles(aux)  # name -> role (fusion validate)
+        self.resources["aux_bundles"] = {a.name: a for a in aux}  # expert templates
         # Artifacts processors look up by name (validate() reads env.resources).
         if "priors" not in self.resources:
             self.resources["priors"] = ArtifactRegistry.open(
@@ -54,6 +70,18 @@ class ServerState:
                 NgramPrior.from_artifact,
                 NgramPrior.to_artifact,
             )
+        if RESOURCE not in self.resources:
+            self.resources[RESOURCE] = ArtifactRegistry.open(
+                Path(s.data_dir) / "control-vectors",
+                "control_vector",
+                ControlVector.from_artifact,
+                ControlVector.to_artifact,
+            )
+        cfg = bundle.model.config
+        self.resources[GEOMETRY] = {
+            "num_layers": int(cfg.num_hidden_layers),
+            "hidden_size": int(cfg.hidden_size),
+        }
         engine = Engine(
             bundle.model,
             bundle.tokenizer,
@@ -61,8 +89,13 @@ class ServerState:
                 max_batch_size=s.max_batch_size,
                 max_queue=s.max_queue,
                 max_prefill_tokens=s.max_prefill_tokens,
+                request_timeout_s=s.request_timeout_s,
             ),
+            aux_models={a.name: a.bundle.model for a in aux},
         )
+        if self.metrics is not None:
+            engine.observer = self.metrics
+            self.metrics.model_load.set(bundle.load_seconds)
         engine.start()
         self.env = ProcessorEnv(
             vocab_size=bundle.vocab_size,
@@ -106,8 +139,29 @@ class ServerState:
             raise APIError(503, self.engine.dead or "the engine is not running")
         return self.bundle, self.engine, self.env
 
+    def begin_drain(self, grace_s: float) -> None:
+        """SIGTERM: answer 503 to new requests from now on, let the running ones finish,
+        and abort what is still running after ``grace_s`` seconds (each aborted request
+        ends with finish_reason "abort", streams with ``[DONE]``)."""
+        if self.status == "draining":
+            return
+        self.status, self.detail = "draining", "the server is shutting down"
+        log.info("draining: new requests get 503; in-flight ones have %.1f s", grace_s)
+
+        def abort() -> None:
+            if self.engine is not None and (self.engine.running or self.engine.waiting):
+                log.warning("grace period over: aborting %d request(s)",
+                            self.engine.running + self.engine.waiting)
+                self.engine.stop()
+
+        self._drain_timer = threading.Timer(grace_s, abort)
+        self._drain_timer.daemon = True
+        self._drain_timer.start()
+
     def shutdown(self) -> None:
         """Stop the engine (aborting what is left)."""
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         if self.engine is not None:
             self.engine.stop()
 

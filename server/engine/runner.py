@@ -2,7 +2,9 @@
 
 Everything runs under ``torch.inference_mode()`` on the engine thread. Prompts of a
 group are left-padded so that the last position is real for every row; position ids
-come from the attention mask so padding never shifts a row's positions.
+come from the attention mask so padding never shifts a row's positions. A forward that
+steers gets its per-row control-vector deltas (``PhaseDeltas``) through the model's
+hooks (``server.engine.hooks``), set for that call only.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from collections.abc import Sequence
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from processors.control import PhaseDeltas
 from server.engine.batch import BatchState
+from server.engine.hooks import ControlHooks
 
 
 class ModelRunner:
@@ -22,6 +26,8 @@ class ModelRunner:
         self.model = model
         self.device = next(model.parameters()).device
         self.vocab_size = int(model.config.vocab_size)
+        self.hooks = ControlHooks.install(model)
+        self.dtype = next(model.parameters()).dtype
 
     def _forward(
         self,
@@ -29,22 +35,25 @@ class ModelRunner:
         mask: torch.Tensor,
         positions: torch.Tensor,
         cache: DynamicCache,
+        phase: PhaseDeltas | None = None,
     ) -> torch.Tensor:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with self.hooks.steering(phase):
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return out.logits[:, -1, :].float()  # (B, V)
 
     @torch.inference_mode()
     def prefill(
-        self, prompts: Sequence[Sequence[int]]
+        self, prompts: Sequence[Sequence[int]], phase: PhaseDeltas | None = None
     ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Run the prompts of new rows together.
+        """Run the prompts of new rows together (``phase``: their control deltas, row
+        ``i`` of each delta belonging to ``prompts[i]``).
 
         Returns:
             cache: a new ``DynamicCache`` for these rows.
@@ -65,11 +74,15 @@ class ModelRunner:
         ids, mask, last = ids.to(self.device), mask.to(self.device), last.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, mask, positions, cache)
+        logits = self._forward(ids, mask, positions, cache, phase)
         return cache, mask, last, logits
 
     @torch.inference_mode()
-    def decode(self, batch: BatchState, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, batch: BatchState, tokens: torch.Tensor, phase: PhaseDeltas | None = None
+    ) -> torch.Tensor:
         """Feed ``tokens (B,)`` (already recorded in ``batch.mask``); return ``(B, V)``."""
         assert batch.cache is not None
-        return self._forward(tokens.view(-1, 1), batch.mask, batch.positions(), batch.cache)
+        return self._forward(
+            tokens.view(-1, 1), batch.mask, batch.positions(), batch.cache, phase
+        )

@@ -53,6 +53,9 @@ class GenerationRequest:
     # Wall-clock budget from submission; None = the engine's default (a setting).
     timeout_s: float | None = None
     warnings: tuple[str, ...] = ()
+    # Prompt ids for auxiliary models with their own prompt template (fusion experts):
+    # (model name, ids) pairs; a model not listed decodes from ``prompt_ids``.
+    aux_prompt_ids: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 @dataclass(frozen=True)

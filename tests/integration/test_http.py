@@ -91,8 +91,8 @@ def test_chat_messages_use_the_template(srv):
         ({"prompt": "a" * 1100}, "prompt"),  # longer than the 1024-token context
         ({"messages": [{"role": "wizard", "content": "y"}]}, "messages.0.role"),
         ({"prompt": "x", "stop": [""]}, "stop"),
-        ({"prompt": "x", "steering": [{"type": "control", "vector": "v"}]}, "steering.0.type"),
-        ({"prompt": "x", "steering": [{"type": "fusion"}]}, "steering.0.type"),
+        ({"prompt": "x", "steering": [{"type": "wizardry"}]}, "steering.0.type"),
+        ({"prompt": "x", "steering": [{"type": "fusion"}]}, "steering.0.experts"),
         ({"prompt": "x", "steering": [{"kind": "x"}]}, "steering.0.type"),
         ({"prompt": "x", "steering": [{"type": "logit_bias", "bias": {"1": 1}, "z": 0}]},
          "steering.0.z"),
