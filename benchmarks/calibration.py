@@ -29,7 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, median, server_process  # noqa: E402
+from benchmarks.common import machine, median, report_ratio, server_process  # noqa: E402
 
 LAMBDAS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0]
 PROMPTS = [
@@ -142,6 +142,7 @@ def overhead(c: httpx.Client, prior: str, args: argparse.Namespace) -> str:
                                       "grid": {"seed": list(range(8))}}).raise_for_status()
             times[name].append((time.perf_counter() - t0) / args.tokens * 1000)
     med = {k: median(v) for k, v in times.items()}
+    report_ratio("margin step time, batch 8", med["ngram+margin"] / med["ngram"], "<=", 1.02)
     return (f"batch 8, {args.rounds} rounds × {args.tokens} tokens, median ms/step: "
             f"ngram {med['ngram']:.1f}, ngram+margin {med['ngram+margin']:.1f}; "
             f"margin overhead ratio {med['ngram+margin'] / med['ngram']:.3f}× (target ≤ 1.02)")

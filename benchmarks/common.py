@@ -72,3 +72,11 @@ def machine() -> str:
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{platform.machine()}, {os.cpu_count()} CPU cores, {cuda}, "
             f"torch {torch.__version__}, {torch.get_num_threads()} torch threads")
+
+
+def report_ratio(name: str, value: float, op: str, target: float) -> None:
+    """Print one machine-readable ratio line for ``benchmarks/run_all.py``.
+
+    ``op`` is ``"<="`` or ``">="``: the ratio meets its target when ``value op target``.
+    """
+    print(f"RATIO|{name}|{value:.4f}|{op}|{target}", flush=True)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import EMBEDDED, machine  # noqa: E402
+from benchmarks.common import EMBEDDED, machine, report_ratio  # noqa: E402
 from processors.base import ProcessorEnv  # noqa: E402
 from processors.stack import parse_stack  # noqa: E402
 from server.api.vectors import VectorCreate, extract_vector  # noqa: E402
@@ -136,6 +136,7 @@ def main() -> None:
                 times[name].append(wall / args.tokens)
         off, on = statistics.median(times["off"]), statistics.median(times["on"])
         lines.append(f"| {B} | {1000 * off:.1f} | {1000 * on:.1f} | {on / off:.3f}× |")
+        report_ratio(f"control vector on all blocks, batch {B}", on / off, "<=", 1.05)
     print("\n## Step-time overhead (vector on all 30 blocks vs unsteered; medians)\n")
     print("| batch | unsteered ms/token | steered ms/token | ratio |\n|---|---|---|---|")
     print("\n".join(lines))

@@ -24,7 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import EMBEDDED, machine, median, server_process  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    EMBEDDED,
+    machine,
+    median,
+    report_ratio,
+    server_process,
+)
 from server.loading import load_model  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
@@ -93,6 +99,8 @@ def main() -> None:
     print(f"  (a) server single / generate   : {single:.2f}x  (target >= 1.0)")
     print(f"  (b) concurrency 4 / 1          : {ratios['c4_vs_c1']:.2f}x")
     print(f"  (b) concurrency 8 / 1          : {ratios['c8_vs_c1']:.2f}x  (target >= 3.8)")
+    report_ratio("single request vs transformers generate", single, ">=", 1.0)
+    report_ratio("concurrency 8 vs 1 (aggregate tokens/s)", ratios["c8_vs_c1"], ">=", 3.8)
     if args.json:
         Path(args.json).write_text(json.dumps({"medians": med, "ratios": ratios}, indent=2))
 

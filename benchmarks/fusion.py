@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import processors  # noqa: E402, F401
-from benchmarks.common import EMBEDDED, machine, median  # noqa: E402
+from benchmarks.common import EMBEDDED, machine, median, report_ratio  # noqa: E402
 from processors.base import ProcessorEnv  # noqa: E402
 from processors.stack import parse_stack  # noqa: E402
 from server.engine import (  # noqa: E402
@@ -126,6 +126,7 @@ def main() -> None:
     print(f"batch {args.batch} x {args.tokens} tokens, {args.rounds} interleaved rounds, medians")
     print("| measure | ratio |\n|---|---|")
     print(f"| dynamic / static fusion (target <= 1.1) | {med['dynamic'] / med['static']:.3f} |")
+    report_ratio("fusion dynamic vs static", med["dynamic"] / med["static"], "<=", 1.1)
     print(f"| static fusion / strong alone | {med['static'] / med['strong']:.3f} |")
     print(f"| dynamic fusion / strong alone | {med['dynamic'] / med['strong']:.3f} |")
     print(f"| ideal 1 + 2 cost(small)/cost(strong) | {ideal:.3f} |")

@@ -23,7 +23,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, median, server_process  # noqa: E402
+from benchmarks.common import machine, median, report_ratio, server_process  # noqa: E402
 
 PROMPTS = [
     "Tell me about the sea.",
@@ -68,9 +68,9 @@ def main() -> None:
     report(med, rows, args)
 
 
-def measure(c: httpx.Client, name: str, args: argparse.Namespace) -> tuple[dict, dict]:
+def measure(c: httpx.Client, prior: str, args: argparse.Namespace) -> tuple[dict, dict]:
     """Run the step-time rounds and the λ sweep against the server behind ``c``."""
-    steer = [{"type": "ngram", "prior": name, "lambda": 0.1}]
+    steer = [{"type": "ngram", "prior": prior, "lambda": 0.1}]
     base = {"messages": chat(PROMPTS[0]), "max_tokens": args.tokens, "temperature": 0,
             "ignore_eos": True}
     grid = {"seed": list(range(8))}
@@ -84,8 +84,8 @@ def measure(c: httpx.Client, name: str, args: argparse.Namespace) -> tuple[dict,
         timed(c, path, {**body} if path == "/v1/sweep" else {**body, "max_tokens": 4})
     times: dict[str, list[float]] = {k: [] for k in variants}
     for rnd in range(args.rounds):
-        for name, (path, body) in variants.items():
-            times[name].append(timed(c, path, body) / args.tokens * 1000)
+        for variant, (path, body) in variants.items():
+            times[variant].append(timed(c, path, body) / args.tokens * 1000)
         print(f"round {rnd + 1}: " + ", ".join(f"{k}={v[-1]:.1f} ms/step"
                                                for k, v in times.items()), flush=True)
     med = {k: median(v) for k, v in times.items()}
@@ -94,7 +94,7 @@ def measure(c: httpx.Client, name: str, args: argparse.Namespace) -> tuple[dict,
     rows: dict[float, list[dict]] = {lam: [] for lam in LAMBDAS}
     for prompt in PROMPTS:
         req = {"messages": chat(prompt), "max_tokens": args.tokens, "temperature": 0,
-               "steering": [{"type": "ngram", "prior": name, "lambda": 0.0}],
+               "steering": [{"type": "ngram", "prior": prior, "lambda": 0.0}],
                "diagnostics": True}
         res = c.post("/v1/sweep", json={"request": req,
                                         "grid": {"steering.0.lambda": LAMBDAS}})
@@ -119,6 +119,8 @@ def report(med: dict, rows: dict, args: argparse.Namespace) -> None:
     print("ratios (target <= 1.05):")
     print(f"  batch 1 steered/unsteered : {med['b1_ngram'] / med['b1_plain']:.3f}x")
     print(f"  batch 8 steered/unsteered : {med['b8_ngram'] / med['b8_plain']:.3f}x")
+    report_ratio("ngram step time, batch 1", med["b1_ngram"] / med["b1_plain"], "<=", 1.05)
+    report_ratio("ngram step time, batch 8", med["b8_ngram"] / med["b8_plain"], "<=", 1.05)
 
     def mean(xs: list[float]) -> float:
         return statistics.fmean(xs)

@@ -22,7 +22,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, median, server_process  # noqa: E402
+from benchmarks.common import machine, median, report_ratio, server_process  # noqa: E402
 
 LAMBDAS = [round(0.1 * i, 1) for i in range(11)]
 
@@ -79,6 +79,7 @@ def main() -> None:
         print(f"  {k:10s} {v:6.1f} s")
     print(f"ratios: sweep/sequential {med['sweep'] / med['sequential']:.2f}x (target <= 0.3), "
           f"sweep/concurrent {med['sweep'] / med['concurrent']:.2f}x")
+    report_ratio("11-point sweep vs sequential", med["sweep"] / med["sequential"], "<=", 0.3)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,15 @@ from clients.exceptions import (
     ServiceUnavailableError,
     SteerError,
 )
-from clients.steering import Control, Fusion, LogitBias, Margin, Ngram, SteeringLike
+from clients.steering import (
+    Control,
+    Fusion,
+    LogitBias,
+    Margin,
+    Ngram,
+    SteeringLike,
+    contrast_pairs,
+)
 from clients.streaming import AsyncStream, Stream
 from clients.sweep import SweepResult, SweepRow, distinct_n, token_overlap
 from clients.types import (
@@ -53,7 +61,7 @@ __all__ = [
     "SteerError", "APIConnectionError", "APITimeoutError", "APIStatusError",
     "BadRequestError", "AuthenticationError", "NotFoundError", "ConflictError",
     "PayloadTooLargeError", "RateLimitError", "InternalServerError", "ServiceUnavailableError",
-    "Ngram", "Control", "Fusion", "Margin", "LogitBias", "SteeringLike",
+    "Ngram", "Control", "Fusion", "Margin", "LogitBias", "SteeringLike", "contrast_pairs",
     "SweepResult", "SweepRow", "token_overlap", "distinct_n",
     "GenerateRequest", "GenerateResponse", "StreamEvent", "Usage", "SweepPoint",
     "SweepResponse", "Prior", "PriorList", "CorpusList", "ControlVector",

@@ -124,3 +124,23 @@ def steering_to_wire(entry: SteeringLike) -> dict[str, Any]:
             raise ValueError(f"a steering entry needs a 'type', got {dict(entry)!r}")
         return dict(entry)
     raise TypeError(f"not a steering entry: {entry!r}")
+
+
+def contrast_pairs(
+    template: str, positive_words: Sequence[str], negative_words: Sequence[str]
+) -> list[dict[str, str]]:
+    """Contrastive prompt pairs for ``vectors.extract`` from a template and two word lists.
+
+    ``template`` has one ``{}``; words are zipped, so both lists need the same length:
+
+        >>> contrast_pairs("I feel {}.", ["happy"], ["sad"])
+        [{'positive': 'I feel happy.', 'negative': 'I feel sad.'}]
+    """
+    if template.count("{}") != 1:
+        raise ValueError("template must contain exactly one '{}'")
+    if len(positive_words) != len(negative_words) or not positive_words:
+        raise ValueError("positive_words and negative_words need the same, non-zero length")
+    return [
+        {"positive": template.format(p), "negative": template.format(n)}
+        for p, n in zip(positive_words, negative_words, strict=True)
+    ]

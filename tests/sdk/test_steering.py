@@ -32,3 +32,17 @@ def test_request_building():
         GenerateRequest.build("hi", steering=[{"prior": "p"}])
     with pytest.raises(ValueError, match="prompt or messages"):
         GenerateRequest.build(None)
+
+
+def test_contrast_pairs_zip_template_and_words():
+    from clients import contrast_pairs
+
+    pairs = contrast_pairs("I feel {}.", ["happy", "glad"], ["sad", "low"])
+    assert pairs == [{"positive": "I feel happy.", "negative": "I feel sad."},
+                     {"positive": "I feel glad.", "negative": "I feel low."}]
+    import pytest
+
+    with pytest.raises(ValueError):
+        contrast_pairs("no slot", ["a"], ["b"])
+    with pytest.raises(ValueError):
+        contrast_pairs("{}", ["a", "b"], ["c"])
