@@ -129,3 +129,36 @@ def test_vocabulary_mismatch_fails_startup(tmp_path: Any) -> None:
     assert isinstance(errors[0], AuxModelError)
     assert "does not share the main model's vocabulary" in str(errors[0])
     assert state.status == "error" and state.engine is None
+
+
+def test_all_four_methods_in_one_request(srv: Any) -> None:
+    """ngram + control + fusion + margin (and logit_bias) together on the random model."""
+    r = httpx.post(srv.url + "/v1/priors", timeout=60,
+                   json={"name": "all4", "text": "the cat sat on the mat " * 30})
+    assert r.status_code == 201, r.text
+    r = httpx.post(srv.url + "/v1/control-vectors", timeout=60, json={
+        "name": "all4", "pairs": [{"positive": "good day", "negative": "bad day"},
+                                  {"positive": "so happy", "negative": "so sad"}],
+        "layers": [1, 2]})
+    assert r.status_code == 201, r.text
+    stack = [
+        {"type": "control", "vector": "all4", "alpha": 2.0},
+        {"type": "fusion", "experts": ["e1"], "base": "small"},
+        {"type": "ngram", "prior": "all4", "lambda": 0.4},
+        {"type": "logit_bias", "bias": {"70": 1.0}},
+        {"type": "margin", "tau": 0.5, "gamma": 1.0},
+    ]
+    out = gen(srv, steering=stack, diagnostics="steps")
+    d = out["diagnostics"]
+    assert len(out["token_ids"]) == 6 and "warnings" not in out
+    for key in ("style_ppl", "base_ppl", "fusion_alpha_mean", "margin_acted_mean", "js_mean"):
+        assert key in d, key
+    # The same stack in a batch with an unsteered row leaves that row alone.
+    plain = gen(srv)
+    r = httpx.post(srv.url + "/v1/sweep", timeout=60, json={
+        "request": {"prompt": "the cat", "max_tokens": 6, "temperature": 0, "ignore_eos": True},
+        "grid": {"steering": [stack, []]}})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert res[0]["response"]["token_ids"] == out["token_ids"]
+    assert res[1]["response"]["token_ids"] == plain["token_ids"]
