@@ -37,7 +37,13 @@ def plot_summary(
             xs = [e[x_key] if numeric else x_values.index(e[x_key]) for e in entries]
             ys = [e.get(f"{metric}_mean", math.nan) for e in entries]
             err = [e.get(f"{metric}_std", 0.0) for e in entries]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label or None)
+            if metric.endswith("_ppl"):
+                # Perplexities span orders of magnitude: log axis, no error bars below 0.
+                ax.plot(xs, ys, marker="o", label=label or None)
+            else:
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label or None)
+        if metric.endswith("_ppl"):
+            ax.set_yscale("log")
         if not numeric:
             ax.set_xticks(range(len(x_values)), [json.dumps(v) for v in x_values])
         ax.set_xlabel(x_key)
