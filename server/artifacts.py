@@ -150,7 +150,13 @@ class ArtifactStore:
             if meta_path.exists():
                 raise ArtifactExistsError(f"{self.kind} '{name}' already exists")
             write_atomic(data_path, payload)
-            write_atomic(meta_path, text)  # the commit point
+            try:
+                write_atomic(meta_path, text)  # the commit point
+            except BaseException:
+                # Not committed: leave no orphaned data file (e.g. the disk filled up).
+                with contextlib.suppress(OSError):
+                    data_path.unlink()
+                raise
         return StoredArtifact(
             name, dict(arrays), dict(meta), digest, len(payload), record["created_at"]
         )
@@ -205,15 +211,25 @@ class ArtifactStore:
                 data_path.unlink()
 
     def names(self) -> list[str]:
-        """Committed artifact names (sorted); removes leftover temp files."""
+        """Committed artifact names (sorted); removes leftover temp files and data files
+        whose JSON never landed (a crash between the two renames)."""
         out: list[str] = []
-        for p in sorted(self.root.iterdir()):
-            if p.name.startswith(".") and p.name.endswith(".tmp"):
-                log.info("removing leftover temporary file %s", p)
-                with contextlib.suppress(OSError):
-                    p.unlink()
-            elif p.suffix == _META_SUFFIX and NAME_RE.fullmatch(p.stem):
-                out.append(p.stem)
+        with self._lock:  # never sweep the files of a save in progress
+            for p in sorted(self.root.iterdir()):
+                if p.name.startswith(".") and p.name.endswith(".tmp"):
+                    log.info("removing leftover temporary file %s", p)
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+                elif p.suffix == _META_SUFFIX and NAME_RE.fullmatch(p.stem):
+                    out.append(p.stem)
+                elif (
+                    p.suffix == _DATA_SUFFIX
+                    and NAME_RE.fullmatch(p.stem)
+                    and not p.with_suffix(_META_SUFFIX).exists()
+                ):
+                    log.info("removing uncommitted data file %s", p)
+                    with contextlib.suppress(OSError):
+                        p.unlink()
         return out
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -98,6 +100,134 @@ class DefaultJSONContentType:
         await self.app(scope, receive, send)
 
 
+MAX_JSON_DEPTH = 64  # the deepest legitimate body (sweep → steering → bias) is ~6
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_body_problem(body: bytes) -> APIError | None:
+    """Why a JSON body must be refused before FastAPI parses it, or None.
+
+    JSON may spell lone UTF-16 surrogates (``"\\ud800"``), which no tokenizer or UTF-8
+    response can carry, and may nest deeper than the parsers' recursion limits; both
+    are a 400 here instead of a ``TypeError``/``RecursionError`` deep inside. Syntax
+    errors are left to FastAPI's own message.
+    """
+    try:
+        doc = json.loads(body)
+    except RecursionError:
+        return APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
+                        param="body")
+    except UnicodeDecodeError as exc:
+        return APIError(400, f"the request body is not valid UTF-8: {exc.reason} at byte "
+                        f"{exc.start}", param="body")
+    except ValueError:
+        return None
+    stack: list[tuple[Any, tuple[str, ...]]] = [(doc, ())]
+    while stack:  # iterative: the depth is what is being checked
+        node, path = stack.pop()
+        if len(path) > MAX_JSON_DEPTH:
+            return APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
+                            param=".".join(path[:8]) or "body")
+        if isinstance(node, str):
+            if _SURROGATE.search(node):
+                return APIError(400, "strings must be valid Unicode: a lone UTF-16 surrogate "
+                                "(\\ud800-\\udfff) is not a character", param=".".join(path)
+                                or "body")
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if _SURROGATE.search(key):
+                    return APIError(400, "object keys must be valid Unicode: a lone UTF-16 "
+                                    "surrogate is not a character", param=".".join(path)
+                                    or "body")
+                stack.append((value, (*path, key)))
+        elif isinstance(node, list):
+            stack.extend((v, (*path, str(i))) for i, v in enumerate(node))
+    return None
+
+
+class JSONBodyGuard:
+    """Refuse JSON bodies with lone surrogates, invalid UTF-8 or absurd nesting (400).
+
+    Runs inside :class:`BodySizeLimit` (so the buffered body is bounded) and after
+    :class:`DefaultJSONContentType`; the body is replayed to the app unchanged, and
+    later ``receive`` calls (disconnect watching) reach the server as before.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (
+            scope["type"] != "http"
+            or scope.get("method") not in ("POST", "PUT", "PATCH")
+            or scope["path"].endswith("/gguf")  # binary uploads, whatever their label
+        ):
+            await self.app(scope, receive, send)
+            return
+        ctype = next((v for k, v in scope.get("headers", []) if k == b"content-type"), b"")
+        if ctype.split(b";")[0].strip().lower() != b"application/json":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # disconnected while sending
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        problem = json_body_problem(body) if body.strip() else None
+        if problem is not None:
+            await problem.response()(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+_PROTECTED = ("/health", "/metrics")
+
+
+def tidy_openapi(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Make the generated OpenAPI schema say what the server does (in place).
+
+    FastAPI documents a 422 ``HTTPValidationError`` for every operation with input;
+    this server answers 400 in the error envelope instead (``errors.validation_error``).
+    Every operation with a body can also get a 400 (bad JSON) and a 413 (body size),
+    and with API keys set every protected path a 401, all as ``ErrorResponse``.
+    """
+    envelope = {
+        "description": "Error",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    exempt = set(settings.auth_exempt)
+    for path, ops in schema.get("paths", {}).items():
+        for op in ops.values():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)
+            extra = []
+            if "requestBody" in op:
+                extra += ["400", "413"]
+            if settings.api_keys and path not in exempt and (
+                path.startswith("/v1/") or path in _PROTECTED
+            ):
+                extra.append("401")
+            for code in extra:
+                responses.setdefault(code, envelope)
+    components = schema.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    return schema
+
+
 def create_app(
     settings: Settings | None = None,
     bundle: ModelBundle | None = None,
@@ -139,7 +269,16 @@ def create_app(
     app.include_router(vectors_router)
     app.include_router(openai_router)
     app.include_router(metrics_router)
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            tidy_openapi(base_openapi(), settings)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
     # add_middleware wraps: the last added runs first (CORS answers preflights before auth).
+    app.add_middleware(JSONBodyGuard)
     app.add_middleware(DefaultJSONContentType)
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
     app.add_middleware(APIKeyAuth, keys=settings.api_keys, exempt=settings.auth_exempt)

@@ -7,6 +7,7 @@ whatever went wrong: validation (400), auth (401), unknown artifact (404), name 
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 
@@ -52,6 +53,11 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` documenting ``codes`` with the envelope model."""
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
 class APIError(Exception):
     """An error to send to the client in the envelope."""
 
@@ -94,6 +100,7 @@ class APIError(Exception):
         return cls(err.status, err.message, param=err.param or None)
 
 
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _TYPE_LOCS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
 
 
@@ -150,6 +157,16 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "no such endpoint"
         headers = dict(exc.headers or {})
         return APIError(exc.status_code, message, headers=headers).response()
+
+    @app.exception_handler(OSError)
+    async def _os_error(_: Request, exc: OSError) -> JSONResponse:
+        # A full disk or quota while storing an artifact (the store leaves no partial
+        # file behind) is the server's condition, not the request's: 507, retryable.
+        if exc.errno in _NO_SPACE:
+            log.error("out of storage: %s", exc)
+            return APIError(507, f"insufficient storage: {exc.strerror or exc}").response()
+        log.exception("unhandled OS error")
+        return APIError(500, f"internal server error: {type(exc).__name__}").response()
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

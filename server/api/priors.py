@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from processors.base import ParamError
 from processors.ngram import NgramPrior, check_weights
 from processors.ngram_tables import DEFAULT_ADD_K, DEFAULT_DISCOUNT, DEFAULT_WEIGHTS, ESTIMATORS
-from server.api.errors import APIError, ErrorResponse
+from server.api.errors import APIError, error_responses
 from server.api.state import ServerState, StateDep
 from server.artifacts import (
     ArtifactExistsError,
@@ -46,9 +46,8 @@ router = APIRouter()
 
 StrictStr = Annotated[str, Strict()]
 StrictFloat = Annotated[float, Strict(), Field(allow_inf_nan=False)]
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 503)
-}
+_ERRORS = error_responses(400, 404, 409, 413, 503, 507)  # POST (507: disk full)
+_READ_ERRORS = error_responses(404, 503)
 _TOKENIZE_BATCH = 256  # documents per tokenizer call (progress granularity)
 
 
@@ -292,7 +291,7 @@ async def create_prior(body: PriorCreate, state: StateDep) -> JSONResponse:
     return JSONResponse(prior_card(reg, prior, env.tokenizer_fingerprint), status_code=201)
 
 
-@router.get("/v1/priors", responses=_ERRORS)
+@router.get("/v1/priors", responses=error_responses(503))
 async def list_priors(state: StateDep) -> dict[str, Any]:
     """Every loaded prior, and the artifacts skipped as corrupt (name and reason)."""
     reg = registry(state)
@@ -304,7 +303,7 @@ async def list_priors(state: StateDep) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/priors/{name}", responses=_ERRORS)
+@router.get("/v1/priors/{name}", responses=_READ_ERRORS)
 async def get_prior(name: str, state: StateDep) -> dict[str, Any]:
     """One prior: counts, orders, estimator, tokenizer fingerprint, corpus size."""
     reg = registry(state)
@@ -318,7 +317,7 @@ async def get_prior(name: str, state: StateDep) -> dict[str, Any]:
     return prior_card(reg, reg[name], fp)
 
 
-@router.delete("/v1/priors/{name}", responses=_ERRORS)
+@router.delete("/v1/priors/{name}", responses=_READ_ERRORS)
 async def delete_prior(name: str, state: StateDep) -> dict[str, Any]:
     """Delete a prior (also one skipped as corrupt). Running requests keep theirs."""
     reg = registry(state)

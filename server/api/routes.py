@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.api.convert import to_generation_request
-from server.api.errors import APIError, ErrorResponse
+from server.api.errors import APIError, error_responses
 from server.api.protocol import (
     GenerateRequest,
     GenerateResponse,
@@ -27,9 +27,7 @@ from server.engine.types import ErrorEvent, FinishEvent, TokenEvent
 
 router = APIRouter()
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 503)
-}
+ERROR_RESPONSES = error_responses(400, 404, 413, 429, 503)
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
@@ -145,7 +143,7 @@ async def _stream_frames(
         stream.cancel()
 
 
-@router.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(503))
 async def list_models(state: StateDep) -> ModelList:
     """The main model and every auxiliary (fusion) model with its role and vocabulary."""
     bundle, _, env = state.ready()

@@ -36,7 +36,7 @@ from processors.control import (
     fit_layers,
 )
 from processors.control_gguf import GGUFFormatError, read_control_gguf, write_control_gguf
-from server.api.errors import APIError, ErrorResponse
+from server.api.errors import APIError, error_responses
 from server.api.state import ServerState, StateDep
 from server.artifacts import (
     ArtifactExistsError,
@@ -54,8 +54,15 @@ StrictStr = Annotated[str, Strict()]
 MAX_PAIRS = 1024  # pairs per extraction (texts run = 2 × pairs); more is a 413
 MAX_TEXT_TOKENS = 512  # tokens per pair text
 EXTRACT_BATCH = 16  # texts per forward
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 503)
+_ERRORS = error_responses(400, 409, 413, 503, 507)  # POST/PUT (507: disk full)
+_READ_ERRORS = error_responses(404, 503)
+_GGUF_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "A control-vector GGUF file (repeng / llama.cpp layout) as raw bytes.",
+        "content": {"application/octet-stream": {"schema": {"type": "string",
+                                                            "format": "binary"}}},
+    }
 }
 
 
@@ -298,7 +305,8 @@ async def create_vector(body: VectorCreate, state: StateDep) -> JSONResponse:
     return JSONResponse(vector_card(reg, vec, geometry), status_code=201)
 
 
-@router.put("/v1/control-vectors/{name}/gguf", status_code=201, responses=_ERRORS)
+@router.put("/v1/control-vectors/{name}/gguf", status_code=201, responses=_ERRORS,
+            openapi_extra=_GGUF_BODY)
 async def import_gguf(name: str, request: Request, state: StateDep) -> JSONResponse:
     """Import a control-vector GGUF file sent as the raw body (201)."""
     state.ready()
@@ -332,7 +340,7 @@ def _lookup(reg: ArtifactRegistry[ControlVector], name: str) -> ControlVector:
     return reg[name]
 
 
-@router.get("/v1/control-vectors/{name}/gguf", responses={**_ERRORS, 200: {
+@router.get("/v1/control-vectors/{name}/gguf", responses={**_READ_ERRORS, 200: {
     "content": {"application/octet-stream": {}}}})
 async def export_gguf(name: str, state: StateDep) -> Response:
     """Export a vector as a GGUF file (repeng / llama.cpp layout)."""
@@ -345,7 +353,7 @@ async def export_gguf(name: str, state: StateDep) -> Response:
     )
 
 
-@router.get("/v1/control-vectors", responses=_ERRORS)
+@router.get("/v1/control-vectors", responses=error_responses(503))
 async def list_vectors(state: StateDep) -> dict[str, Any]:
     """Every loaded vector, and the artifacts skipped as corrupt (name and reason)."""
     reg = registry(state)
@@ -357,7 +365,7 @@ async def list_vectors(state: StateDep) -> dict[str, Any]:
     }
 
 
-@router.get("/v1/control-vectors/{name}", responses=_ERRORS)
+@router.get("/v1/control-vectors/{name}", responses=_READ_ERRORS)
 async def get_vector(name: str, state: StateDep) -> dict[str, Any]:
     """One vector: layers, hidden size, norms, method and per-layer separation."""
     reg = registry(state)
@@ -365,7 +373,7 @@ async def get_vector(name: str, state: StateDep) -> dict[str, Any]:
     return vector_card(reg, _lookup(reg, name), geometry)
 
 
-@router.delete("/v1/control-vectors/{name}", responses=_ERRORS)
+@router.delete("/v1/control-vectors/{name}", responses=_READ_ERRORS)
 async def delete_vector(name: str, state: StateDep) -> dict[str, Any]:
     """Delete a vector (also one skipped as corrupt). Running requests keep theirs."""
     reg = registry(state)
