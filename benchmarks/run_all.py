@@ -58,6 +58,21 @@ def run(name: str, quick: bool) -> tuple[list[tuple[str, float, str, float]], st
     return ratios, output, wall, proc.returncode
 
 
+def gpu_note() -> str:
+    """What the dashboard can say about CUDA on this machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        return (f"Measured on {torch.cuda.get_device_name(0)}: the numbers above are GPU "
+                "numbers (the server picks CUDA when present).")
+    return ("No CUDA device was available where this dashboard ran, so nothing here was "
+            "measured on a GPU; the project's tests and benchmarks do not need one. On a CUDA "
+            "machine `python benchmarks/run_all.py` measures the same ratios there (the "
+            "server uses CUDA and bfloat16 by default when present), and the test fixtures load "
+            "their models with device `auto`, so `make test` would run the mixed-batch "
+            "correctness tests there — that has not been tried yet.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -93,6 +108,10 @@ def main() -> None:
         "| benchmark | ratio | value | target | |",
         "|---|---|---|---|---|",
         *rows,
+        "",
+        "## GPU",
+        "",
+        gpu_note(),
         "",
         "## Outputs",
         "",
