@@ -42,8 +42,8 @@ from server.api.openai_protocol import (
 )
 from server.api.protocol import ChatMessage, GenerateRequest
 from server.api.routes import ERROR_RESPONSES, sse
-from server.api.state import ServerState, StateDep
-from server.engine import Engine, EngineUnavailableError, GenerationRequest, QueueFullError
+from server.api.state import ServerState, StateDep, submit_all
+from server.engine import Engine, GenerationRequest
 from server.engine.types import (
     EngineEvent,
     ErrorEvent,
@@ -278,16 +278,9 @@ def _submit(state: ServerState, engine: Engine, requests: Sequence[GenerationReq
             ) -> ChoiceStreams:
     """Submit all choices atomically; a full queue is 429, a stopped engine 503."""
     streams = ChoiceStreams(asyncio.get_running_loop(), len(requests))
-    try:
-        streams.handles = engine.submit_many(
-            [(r, streams.sink(i)) for i, r in enumerate(requests)]
-        )
-    except QueueFullError as err:
-        raise APIError(
-            429, str(err), headers={"Retry-After": str(max(1, state.settings.retry_after_s))}
-        ) from None
-    except EngineUnavailableError as err:
-        raise APIError(503, str(err), headers={"Retry-After": "5"}) from None
+    streams.handles = submit_all(
+        state, engine, [(r, streams.sink(i)) for i, r in enumerate(requests)]
+    )
     return streams
 
 

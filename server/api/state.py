@@ -26,7 +26,7 @@ from server.engine import (
     QueueFullError,
     RequestHandle,
 )
-from server.engine.types import EngineEvent, ErrorEvent, FinishEvent
+from server.engine.types import EngineEvent, ErrorEvent, EventSink, FinishEvent
 from server.loading import ModelBundle, load_model
 from server.settings import Settings
 
@@ -208,15 +208,22 @@ class EventStream:
             self.handle.cancel()
 
 
-def submit(state: ServerState, engine: Engine, req: GenerationRequest) -> EventStream:
-    """Submit to the engine, mapping a full queue to 429 and a dead engine to 503."""
-    stream = EventStream(asyncio.get_running_loop())
+def submit_all(
+    state: ServerState, engine: Engine, items: list[tuple[GenerationRequest, EventSink]]
+) -> list[RequestHandle]:
+    """``engine.submit_many`` with a full queue mapped to 429 and a dead engine to 503."""
     try:
-        stream.handle = engine.submit(req, stream.put)
+        return engine.submit_many(items)
     except QueueFullError as err:
         raise APIError(
             429, str(err), headers={"Retry-After": str(max(1, state.settings.retry_after_s))}
         ) from None
     except EngineUnavailableError as err:
         raise APIError(503, str(err), headers={"Retry-After": "5"}) from None
+
+
+def submit(state: ServerState, engine: Engine, req: GenerationRequest) -> EventStream:
+    """Submit one request to the engine; see ``submit_all`` for the error mapping."""
+    stream = EventStream(asyncio.get_running_loop())
+    stream.handle = submit_all(state, engine, [(req, stream.put)])[0]
     return stream

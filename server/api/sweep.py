@@ -24,8 +24,7 @@ from server.api.convert import to_generation_request
 from server.api.errors import APIError, validation_error
 from server.api.protocol import GenerateRequest, GenerateResponse
 from server.api.routes import ERROR_RESPONSES, collect
-from server.api.state import EventStream, StateDep
-from server.engine import EngineUnavailableError, QueueFullError
+from server.api.state import EventStream, StateDep, submit_all
 
 router = APIRouter()
 
@@ -128,13 +127,7 @@ async def sweep(body: SweepRequest, request: Request, state: StateDep) -> JSONRe
     reqs = await run_in_threadpool(convert)
     loop = asyncio.get_running_loop()
     streams = [EventStream(loop) for _ in reqs]
-    try:
-        handles = engine.submit_many([(r, s.put) for r, s in zip(reqs, streams, strict=True)])
-    except QueueFullError as err:
-        raise APIError(429, str(err), headers={
-            "Retry-After": str(max(1, state.settings.retry_after_s))}) from None
-    except EngineUnavailableError as err:
-        raise APIError(503, str(err)) from None
+    handles = submit_all(state, engine, [(r, s.put) for r, s in zip(reqs, streams, strict=True)])
     for s, h in zip(streams, handles, strict=True):
         s.handle = h
 
