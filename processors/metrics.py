@@ -7,6 +7,7 @@ never leave the device and never return full-vocabulary arrays.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -76,15 +77,20 @@ def step_stats(
     return torch.stack(cols, dim=1)
 
 
-def summarize(per_step: list[dict[str, float]]) -> dict[str, float]:
+# Per-step columns whose values are discrete choices: the summary also counts each value.
+HISTOGRAM_COLUMNS: tuple[str, ...] = ("fusion_alpha", "fusion_expert")
+
+
+def summarize(per_step: list[dict[str, float]]) -> dict[str, Any]:
     """Aggregate one request's per-step scalars into the response's diagnostics.
 
     ``per_step[s]`` maps metric name → value at step ``s``; NaN means "not defined for
     this row" (e.g. a style NLL without a prior) and is left out. NLL columns become
     perplexities (exp of the mean NLL); divergences get mean and max; entropies a mean;
-    ``argmax_flip`` a rate; KL and steered entropy of the first step are kept too.
+    ``argmax_flip`` a rate; KL and steered entropy of the first step are kept too. The
+    columns of ``HISTOGRAM_COLUMNS`` also get ``<name>_histogram``: value → step count.
     """
-    out: dict[str, float] = {"steps": float(len(per_step))}
+    out: dict[str, Any] = {"steps": float(len(per_step))}
     if not per_step:
         return out
     names: list[str] = []
@@ -106,6 +112,12 @@ def summarize(per_step: list[dict[str, float]]) -> dict[str, float]:
         else:
             out[f"{name}_mean"] = mean
             out[f"{name}_max"] = max(xs)
+        if name in HISTOGRAM_COLUMNS:
+            hist: dict[str, int] = {}
+            for x in sorted(xs):
+                key = f"{round(x, 6):g}"
+                hist[key] = hist.get(key, 0) + 1
+            out[f"{name}_histogram"] = hist
     first = per_step[0]
     for name in ("kl_base_steered", "entropy_steered"):
         if name in first:

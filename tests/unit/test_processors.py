@@ -130,3 +130,11 @@ def test_step_stats_and_summary():
     assert summary["base_ppl"] == pytest.approx(math.exp(2.0))
     assert summary["js_max"] == pytest.approx(0.3) and summary["steps"] == 2
     assert "style_ppl" not in summary  # NaN = undefined, dropped
+
+
+def test_summary_histograms_discrete_choices():
+    steps = [{"fusion_alpha": a, "fusion_expert": 0.0} for a in (0.1, 0.3, 0.1, 0.30000001)]
+    steps.append({"fusion_alpha": float("nan"), "fusion_expert": float("nan")})
+    s = summarize(steps)
+    assert s["fusion_alpha_histogram"] == {"0.1": 2, "0.3": 2}
+    assert s["fusion_expert_histogram"] == {"0": 4}
