@@ -361,10 +361,11 @@ def table(results: dict[str, Any]) -> str:
         if key in results:
             r = results[key]
             n = len(r["rows"])
+            alpha = {"static": "1 (fixed)", "dynamic": alpha_summary(r)}.get(key, "–")
             lines.append(
                 f"| {LABELS[key]} | {r['strict']:.2f} ({round(r['strict'] * n)}/{n}) | "
                 f"{r['lenient']:.2f} | {r['wall_s']} | {r['tokens']} | "
-                f"{alpha_summary(r) if key in ('static', 'dynamic') else '–'} |")
+                f"{alpha} |")
     return "\n".join(lines)
 
 
