@@ -39,11 +39,16 @@ PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse ke
 
 async def concurrent_run(url: str, n: int, tokens: int) -> float:
     """Send ``n`` identical fixed-length requests at once; return aggregate tokens/s."""
-    body = {"messages": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+    # Each request gets its own prompt (numbered), so concurrent requests do not share a
+    # prefill the way identical ones would.
+    def body(i: int) -> dict:
+        msgs = [{"role": "user", "content": f"{PROMPT[0]['content']} (Version {i + 1}.)"}]
+        return {"messages": msgs, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+
     async with httpx.AsyncClient(timeout=600) as client:
         t0 = time.perf_counter()
-        rs = await asyncio.gather(*[client.post(url + "/v1/generate", json=body)
-                                    for _ in range(n)])
+        rs = await asyncio.gather(*[client.post(url + "/v1/generate", json=body(i))
+                                    for i in range(n)])
         wall = time.perf_counter() - t0
     done = sum(r.json()["usage"]["completion_tokens"] for r in rs)
     assert done == n * tokens, [r.text[:200] for r in rs]

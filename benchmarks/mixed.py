@@ -23,7 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import machine, median, report_ratio, server_process  # noqa: E402
 
-PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]
+# Eight different prompts in both variants, so neither gets the shared-prefill shortcut
+# that identical prompts would.
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.", "Describe a storm at sea.",
+    "What should a good king do?", "Explain how rain forms.", "Tell me about the moon.",
+    "Give advice to a young traveller.", "Describe a market in summer.", "What is courage?",
+]
 
 
 def stacks(prior: str, vector: str) -> list[list[dict]]:
@@ -58,7 +64,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
-    base = {"messages": PROMPT, "max_tokens": args.tokens, "temperature": 0, "ignore_eos": True}
+    bases = [{"messages": [{"role": "user", "content": p}], "max_tokens": args.tokens,
+              "temperature": 0, "ignore_eos": True} for p in PROMPTS]
     tag = os.getpid()
     prior, vector = f"bench-kjv-{tag}", f"bench-mood-{tag}"
     with server_process() as url, httpx.Client(base_url=url, timeout=900) as c:
@@ -69,9 +76,10 @@ def main() -> None:
             "negative_words": ["sad", "miserable", "gloomy", "depressed"],
             "layers": list(range(8, 15))}).raise_for_status()
         try:
-            plain = [base] * 8
-            mixed = [{**base, "steering": s} for s in stacks(prior, vector)]
-            asyncio.run(burst(url, [{**base, "max_tokens": 4}] * 8))  # warm-up
+            plain = bases
+            mixed = [{**b, "steering": s} for b, s in zip(bases, stacks(prior, vector),
+                                                          strict=True)]
+            asyncio.run(burst(url, [{**b, "max_tokens": 4} for b in bases]))  # warm-up
             tps: dict[str, list[float]] = {"plain": [], "mixed": []}
             for rnd in range(args.rounds):
                 tps["plain"].append(asyncio.run(burst(url, plain)))

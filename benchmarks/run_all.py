@@ -26,7 +26,7 @@ from benchmarks.common import machine  # noqa: E402
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "engine": ("engine.py", ["--rounds", "3", "--tokens", "64"],
                ["--rounds", "1", "--tokens", "16"]),
-    "mixed": ("mixed.py", ["--rounds", "3", "--tokens", "32"], ["--rounds", "1", "--tokens", "8"]),
+    "mixed": ("mixed.py", ["--rounds", "5", "--tokens", "32"], ["--rounds", "1", "--tokens", "8"]),
     "ngram": ("ngram.py", ["--rounds", "3", "--tokens", "48", "--out", "docs/ngram-sweep.md"],
               ["--rounds", "1", "--tokens", "8"]),
     "calibration": ("calibration.py", ["--overhead", "--rounds", "5", "--tokens", "32"],
