@@ -210,6 +210,15 @@ class ArtifactStore:
             with contextlib.suppress(FileNotFoundError):
                 data_path.unlink()
 
+    def committed_names(self) -> list[str]:
+        """Committed artifact names (sorted), touching nothing: safe to call while other
+        processes sharing the directory are writing (see ``ArtifactRegistry.refresh``)."""
+        return sorted(
+            p.stem
+            for p in self.root.iterdir()
+            if p.suffix == _META_SUFFIX and NAME_RE.fullmatch(p.stem)
+        )
+
     def names(self) -> list[str]:
         """Committed artifact names (sorted); removes leftover temp files and data files
         whose JSON never landed (a crash between the two renames)."""
@@ -293,7 +302,57 @@ class ArtifactRegistry(Mapping[str, T], Generic[T]):
 
     # ---- Mapping
     def __getitem__(self, name: str) -> T:
-        return self._items[name]
+        try:
+            return self._items[name]
+        except KeyError:
+            pass
+        # Not loaded here: another replica sharing the directory may have written it.
+        obj = self._load_new(name)
+        if obj is None:
+            raise KeyError(name)
+        return obj
+
+    def _load_new(self, name: str) -> T | None:
+        """Load one artifact that appeared on disk after start-up (None if absent)."""
+        try:
+            check_name(name)
+        except InvalidNameError:
+            return None
+        with self._lock:
+            if name in self._pending or name in self.corrupt or name in self._items:
+                return self._items.get(name)
+        if not self.store.exists(name):
+            return None
+        try:
+            stored = self.store.load(name)
+            obj = self._decode(name, stored.arrays, stored.meta)
+        except ArtifactNotFoundError:
+            return None
+        except (CorruptArtifactError, ValueError, KeyError, TypeError) as exc:
+            reason = str(exc) or type(exc).__name__
+            log.warning("skipping corrupt %s '%s': %s", self.store.kind, name, reason)
+            with self._lock:
+                self.corrupt = {**self.corrupt, name: reason}
+            return None
+        with self._lock:
+            if name not in self._items:
+                self._items = {**self._items, name: obj}
+                self._records = {**self._records, name: stored}
+            return self._items[name]
+
+    def refresh(self) -> None:
+        """Pick up artifacts that other processes sharing the directory (replicas on one
+        volume) created or deleted since start-up. Never sweeps files: a save in
+        progress elsewhere is left alone."""
+        on_disk = set(self.store.committed_names())
+        for name in sorted(on_disk - set(self._items) - set(self.corrupt)):
+            self._load_new(name)
+        with self._lock:
+            gone = {n for n in self._items if n not in on_disk and n not in self._pending}
+            if gone:
+                self._items = {k: v for k, v in self._items.items() if k not in gone}
+                self._records = {k: v for k, v in self._records.items() if k not in gone}
+            self.corrupt = {k: v for k, v in self.corrupt.items() if k in on_disk}
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._items))

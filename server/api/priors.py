@@ -295,6 +295,7 @@ async def create_prior(body: PriorCreate, state: StateDep) -> JSONResponse:
 async def list_priors(state: StateDep) -> dict[str, Any]:
     """Every loaded prior, and the artifacts skipped as corrupt (name and reason)."""
     reg = registry(state)
+    await run_in_threadpool(reg.refresh)  # replicas sharing the volume may have added some
     fp = state.env.tokenizer_fingerprint if state.env else ""
     return {
         "object": "list",

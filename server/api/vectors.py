@@ -357,6 +357,7 @@ async def export_gguf(name: str, state: StateDep) -> Response:
 async def list_vectors(state: StateDep) -> dict[str, Any]:
     """Every loaded vector, and the artifacts skipped as corrupt (name and reason)."""
     reg = registry(state)
+    await run_in_threadpool(reg.refresh)  # replicas sharing the volume may have added some
     geometry = _geometry(state) if state.resources.get(GEOMETRY) else None
     return {
         "object": "list",

@@ -178,3 +178,33 @@ def test_registry_is_a_mapping_and_removes(tmp_path: Path) -> None:
     assert list(reg) == ["b"] and list(registry(tmp_path)) == ["b"]
     with pytest.raises(ArtifactNotFoundError):
         reg.remove("a")
+
+
+def test_registry_sees_artifacts_written_by_another_process(tmp_path):
+    """Two registries over one directory (two replicas on a shared volume)."""
+    import numpy as np
+
+    from server.artifacts import ArtifactRegistry
+
+    def decode(name, arrays, meta):
+        return float(arrays["x"][0])
+
+    def encode(obj):
+        return {"x": np.array([obj], dtype=np.float32)}, {}
+
+    a = ArtifactRegistry.open(tmp_path, "thing", decode, encode)
+    b = ArtifactRegistry.open(tmp_path, "thing", decode, encode)
+    with a.reserve("one"):
+        a.add("one", 1.5)
+    assert "one" in b and b["one"] == 1.5 and b.get("missing") is None
+    with b.reserve("two"):
+        b.add("two", 2.5)
+    a.refresh()
+    assert sorted(a) == ["one", "two"]
+    b.remove("one")
+    a.refresh()
+    assert sorted(a) == ["two"]
+    # A half-written save elsewhere (data file, no JSON yet) is neither loaded nor swept.
+    (tmp_path / "three.safetensors").write_bytes(b"partial")
+    a.refresh()
+    assert "three" not in a and (tmp_path / "three.safetensors").exists()
