@@ -397,7 +397,7 @@ async def _collect(
         if st.finish.diagnostics is not None:
             choice["diagnostics"] = st.finish.diagnostics
         choices.append(choice)
-    return {
+    out = {
         "id": call_id,
         "object": "text_completion" if kind == "completion" else "chat.completion",
         "created": created,
@@ -406,6 +406,18 @@ async def _collect(
         "usage": _usage(states, len(plan.requests) // plan.n_prompts),
         "system_fingerprint": None,
     }
+    warnings = _warnings(plan)
+    if warnings:
+        out["warnings"] = warnings  # steerserve extra, like the native API's
+    return out
+
+
+def _warnings(plan: _Plan) -> list[str]:
+    """The steering-stack warnings of the call (the same for every choice of a prompt)."""
+    seen: list[str] = []
+    for req in plan.requests:
+        seen.extend(w for w in req.warnings if w not in seen)
+    return seen
 
 
 async def _stream(

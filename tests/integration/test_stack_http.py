@@ -64,3 +64,13 @@ def test_mixed_stacks_in_one_sweep_equal_solo(srv):
     assert r.status_code == 200, r.text
     for point, stack in zip(r.json()["results"], stacks, strict=True):
         assert point["response"]["token_ids"] == gen(srv, steering=stack)["token_ids"]
+
+
+def test_openai_endpoints_carry_stack_warnings(srv):
+    r = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": "the cat", "max_tokens": 3, "steering": [{"type": "margin"}]})
+    assert r.status_code == 200, r.text
+    assert r.json()["warnings"] and "margin" in r.json()["warnings"][0]
+    r = httpx.post(srv.url + "/v1/completions", timeout=60,
+                   json={"model": "tiny", "prompt": "the cat", "max_tokens": 3})
+    assert "warnings" not in r.json()
