@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import threading
 import time
@@ -19,7 +20,14 @@ import uvicorn
 
 import processors  # noqa: F401  (registers processors)
 from server.api.app import create_app
-from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+from server.engine import (
+    Engine,
+    EngineConfig,
+    FinishEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
 from server.loading import ModelBundle, load_model
 from server.settings import Settings
 
@@ -55,6 +63,32 @@ def make_request(
 ) -> GenerationRequest:
     ids = tuple(tokenizer(prompt)["input_ids"])
     return GenerationRequest(rid, ids, SamplingParams(**sampling), steering, diagnostics)  # type: ignore[arg-type]
+
+
+def collect_events(q: queue.Queue[Any]) -> tuple[list[int], FinishEvent]:
+    """Read one request's events from its queue: the token ids and the final event."""
+    tokens: list[int] = []
+    while True:
+        ev = q.get(timeout=60)
+        if isinstance(ev, TokenEvent):
+            tokens.extend(ev.token_ids)
+        elif isinstance(ev, FinishEvent):
+            return tokens, ev
+        else:
+            raise AssertionError(f"engine error: {ev}")
+
+
+def run_together(
+    engine: Engine, reqs: list[GenerationRequest]
+) -> list[tuple[list[int], FinishEvent]]:
+    """Submit atomically so that the requests are admitted and decoded as one batch
+    (checked: the engine's peak batch is exactly their number)."""
+    engine.peak_batch = 0
+    queues: list[queue.Queue[Any]] = [queue.Queue() for _ in reqs]
+    engine.submit_many([(r, q.put) for r, q in zip(reqs, queues, strict=True)])
+    out = [collect_events(q) for q in queues]
+    assert engine.peak_batch == len(reqs)
+    return out
 
 
 def free_port() -> int:

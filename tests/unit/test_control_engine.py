@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import queue
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,9 +15,10 @@ from processors.base import ProcessorEnv
 from processors.control import ControlVector, PhaseDeltas
 from processors.metrics import entropy_from_logp, kl_from_logp
 from processors.stack import parse_stack
-from server.engine import Engine, FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from server.engine import Engine, GenerationRequest, SamplingParams
 from server.engine.hooks import ControlHooks
 from server.tiny import tiny_model
+from tests.conftest import run_together
 
 SEED = 5
 LAYERS = 3
@@ -62,28 +62,6 @@ def req(
         steering=parse_stack(steering, env, max_len=4),
         diagnostics=diagnostics,  # type: ignore[arg-type]
     )
-
-
-def collect(q: queue.Queue[Any]) -> tuple[list[int], FinishEvent]:
-    tokens: list[int] = []
-    while True:
-        ev = q.get(timeout=60)
-        if isinstance(ev, TokenEvent):
-            tokens.extend(ev.token_ids)
-        elif isinstance(ev, FinishEvent):
-            return tokens, ev
-        else:
-            raise AssertionError(f"engine error: {ev}")
-
-
-def run_together(engine: Engine, reqs: list[GenerationRequest]) -> list[tuple[list[int], Any]]:
-    """Submit atomically so that the requests are admitted and decoded as one batch."""
-    engine.peak_batch = 0
-    queues: list[queue.Queue[Any]] = [queue.Queue() for _ in reqs]
-    engine.submit_many([(r, q.put) for r, q in zip(reqs, queues, strict=True)])
-    out = [collect(q) for q in queues]
-    assert engine.peak_batch == len(reqs)
-    return out
 
 
 def reference_logits(

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import queue
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,8 +12,9 @@ import pytest
 from processors.base import ProcessorEnv
 from processors.ngram import NgramPrior
 from processors.stack import parse_stack
-from server.engine import Engine, FinishEvent, GenerationRequest, SamplingParams, TokenEvent
+from server.engine import Engine, GenerationRequest, SamplingParams
 from server.tiny import tiny_model
+from tests.conftest import run_together
 
 FP = "tiny-tok"
 STYLE_A = [
@@ -62,29 +62,6 @@ def make_request(
         steering=parse_stack(steering, env, max_len=4),
         diagnostics="summary",
     )
-
-
-def collect(q: queue.Queue[Any]) -> tuple[list[int], FinishEvent]:
-    tokens: list[int] = []
-    while True:
-        ev = q.get(timeout=60)
-        if isinstance(ev, TokenEvent):
-            tokens.extend(ev.token_ids)
-        elif isinstance(ev, FinishEvent):
-            return tokens, ev
-        else:
-            raise AssertionError(f"engine error: {ev}")
-
-
-def run_together(
-    engine: Engine, reqs: list[GenerationRequest]
-) -> list[tuple[list[int], FinishEvent]]:
-    """Submit all requests atomically, so they are admitted (and decoded) as one batch."""
-    queues: list[queue.Queue[Any]] = [queue.Queue() for _ in reqs]
-    engine.submit_many([(req, q.put) for req, q in zip(reqs, queues, strict=True)])
-    results = [collect(q) for q in queues]
-    assert engine.peak_batch >= len(reqs)
-    return results
 
 
 CASES: list[tuple[str, list[dict[str, Any]]]] = [
