@@ -137,6 +137,7 @@ def to_generation_request(
         stop_token_ids=stop_ids,
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,
+        logprobs=req.logprobs,
     )
     entries: list[dict[str, Any]] = [e.model_dump() for e in req.steering]
     try:

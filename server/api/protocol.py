@@ -58,6 +58,11 @@ class GenerateRequest(BaseModel):
     diagnostics: StrictBool | Literal["steps"] = Field(
         False, description="true = aggregate metrics; 'steps' = also per-step scalars."
     )
+    logprobs: StrictInt | None = Field(
+        None, ge=0, le=20,
+        description="Return each token's log-probability under the steered distribution and "
+        "this many top alternatives (0 = the token's own only); null = off.",
+    )
 
 
 class Usage(BaseModel):
@@ -78,6 +83,9 @@ class GenerateResponse(BaseModel):
     finish_reason: str
     usage: Usage
     diagnostics: dict[str, Any] | None = None
+    logprobs: list[dict[str, Any]] | None = Field(
+        None, description="Per token: {token_id, logprob, top: [{token_id, logprob}]}."
+    )
     warnings: list[str] | None = Field(
         None, description="Legal but probably unintended request settings."
     )
@@ -94,6 +102,7 @@ class StreamEvent(BaseModel):
     finish_reason: str | None = None
     usage: Usage | None = None
     diagnostics: dict[str, Any] | None = None
+    logprobs: list[dict[str, Any]] | None = None
     warnings: list[str] | None = None
 
 

@@ -36,6 +36,15 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
+def logprob_entries(ev: TokenEvent) -> list[dict[str, Any]]:
+    """The native wire form of a token event's logprobs (aligned with its token ids)."""
+    return [
+        {"token_id": t, "logprob": lp.logprob,
+         "top": [{"token_id": a, "logprob": v} for a, v in lp.top]}
+        for t, lp in zip(ev.token_ids, ev.logprobs or (), strict=False)
+    ]
+
+
 def error_payload(ev: ErrorEvent) -> dict[str, Any]:
     """An engine error as the envelope (sent in-band when a stream already started)."""
     return APIError(ev.code, ev.message, type=ev.type).body()
@@ -86,10 +95,14 @@ async def collect(
     """Wait for a request's events and assemble the non-streaming response."""
     tokens: list[int] = []
     text: list[str] = []
+    logprobs: list[dict[str, Any]] | None = None
     async for ev in stream.events():
         if isinstance(ev, TokenEvent):
             tokens.extend(ev.token_ids)
             text.append(ev.text)
+            if ev.logprobs is not None:
+                logprobs = [] if logprobs is None else logprobs
+                logprobs.extend(logprob_entries(ev))
         elif isinstance(ev, FinishEvent):
             text.append(ev.text)
             return GenerateResponse(
@@ -104,6 +117,7 @@ async def collect(
                     total_tokens=ev.prompt_tokens + ev.completion_tokens,
                 ),
                 diagnostics=ev.diagnostics,
+                logprobs=logprobs,
                 warnings=list(warnings) or None,
             )
         else:
@@ -121,6 +135,8 @@ async def _stream_frames(
             if isinstance(ev, TokenEvent):
                 frame = {"id": request_id, "model": model, "text": ev.text,
                          "token_ids": list(ev.token_ids), "finish_reason": None}
+                if ev.logprobs is not None:
+                    frame["logprobs"] = logprob_entries(ev)
                 yield sse(frame)
             elif isinstance(ev, FinishEvent):
                 usage = {

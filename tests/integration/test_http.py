@@ -198,3 +198,23 @@ def test_health_is_503_while_loading(tiny_bundle, tmp_path, monkeypatch):
     finally:
         release.set()
         srv.__exit__()
+
+
+def test_native_logprobs(srv):
+    base = {"prompt": "hello", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    r = post(srv, {**base, "logprobs": 3}).json()
+    lps = r["logprobs"]
+    assert [e["token_id"] for e in lps] == r["token_ids"]
+    for e in lps:
+        assert e["logprob"] <= 0 and len(e["top"]) == 3
+        # Greedy without steering: the emitted token is the most likely one.
+        assert e["top"][0]["token_id"] == e["token_id"]
+        assert e["top"][0]["logprob"] == pytest.approx(e["logprob"])
+    assert "logprobs" not in post(srv, base).json()
+    with httpx.stream("POST", srv.url + "/v1/generate", json={**base, "logprobs": 0,
+                                                              "stream": True}, timeout=60) as s:
+        frames = [f for f in read_sse(s) if f != "[DONE]"]
+    streamed = [e for f in frames for e in f.get("logprobs", [])]
+    assert [e["token_id"] for e in streamed] == r["token_ids"]
+    assert all(e["top"] == [] for e in streamed)
+    assert post(srv, {**base, "logprobs": 21}).json()["error"]["param"] == "logprobs"
