@@ -31,26 +31,8 @@ from transformers import DynamicCache, PreTrainedModel
 
 from processors.fusion import fusion_models
 from server.engine.batch import BatchState
+from server.engine.runner import forward_last_logits
 from server.engine.types import GenerationRequest
-
-
-def _forward(
-    model: PreTrainedModel,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    positions: torch.Tensor,
-    cache: DynamicCache,
-) -> torch.Tensor:
-    """One forward of ``ids (N, T)``; returns the last position's logits ``(N, V)`` f32."""
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    return out.logits[:, -1, :].float()
 
 
 @dataclass
@@ -83,7 +65,7 @@ class AuxModel:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        logits = _forward(self.model, ids, mask, positions, cache)
+        logits = forward_last_logits(self.model, ids, mask, positions, cache)
         last = torch.full((N, 2), -1, dtype=torch.long, device=self.device)
         self.batch.add(cache, mask, last, logits)
 
@@ -92,7 +74,7 @@ class AuxModel:
         """Feed ``tokens (n,)`` (one per row of this model) and keep the next logits."""
         assert self.batch.cache is not None
         self.batch.append_tokens(tokens)
-        self.batch.next_logits = _forward(
+        self.batch.next_logits = forward_last_logits(
             self.model, tokens.view(-1, 1), self.batch.mask, self.batch.positions(),
             self.batch.cache,
         )

@@ -19,6 +19,28 @@ from server.engine.batch import BatchState
 from server.engine.hooks import ControlHooks
 
 
+def forward_last_logits(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    cache: DynamicCache,
+) -> torch.Tensor:
+    """One cached forward of ``ids (N, T)``; the last position's logits ``(N, V)`` float32.
+
+    Shared by the main model's runner and the auxiliary (fusion) models.
+    """
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1, :].float()
+
+
 class ModelRunner:
     """Owns the main model's forward calls."""
 
@@ -38,15 +60,7 @@ class ModelRunner:
         phase: PhaseDeltas | None = None,
     ) -> torch.Tensor:
         with self.hooks.steering(phase):
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        return out.logits[:, -1, :].float()  # (B, V)
+            return forward_last_logits(self.model, input_ids, mask, positions, cache)
 
     @torch.inference_mode()
     def prefill(
