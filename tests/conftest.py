@@ -91,6 +91,18 @@ def run_together(
     return out
 
 
+def parse_metrics(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus exposition as ``name{label=value,...}`` → value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

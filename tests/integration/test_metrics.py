@@ -7,9 +7,8 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import live_server
+from tests.conftest import live_server, parse_metrics
 
 
 def scrape(srv) -> dict[str, float]:
@@ -17,12 +16,7 @@ def scrape(srv) -> dict[str, float]:
     r = httpx.get(srv.url + "/metrics", timeout=10)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
-    out = {}
-    for family in text_string_to_metric_families(r.text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
+    return parse_metrics(r.text)
 
 
 def wait_until(predicate, limit: float = 15.0) -> None:

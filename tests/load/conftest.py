@@ -28,9 +28,8 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
+from tests.conftest import free_port, parse_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,12 +132,7 @@ class ServerProcess:
         """Every sample of ``GET /metrics`` as ``name{label=value,...}`` → value."""
         r = httpx.get(self.url + "/metrics", timeout=10)
         assert r.status_code == 200, r.text
-        out = {}
-        for family in text_string_to_metric_families(r.text):
-            for s in family.samples:
-                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return out
+        return parse_metrics(r.text)
 
     def wait_idle(self, limit: float = 20.0) -> dict[str, float]:
         """Poll /metrics until the running and waiting gauges are 0; return that scrape."""
