@@ -101,6 +101,19 @@ class APIError(Exception):
 
 
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+def artifact_or_404(reg: Any, name: str, what: str) -> Any:
+    """``reg[name]`` from an ``ArtifactRegistry``, or a 404 naming ``name`` that says
+    whether the artifact is unknown or was skipped as corrupt (``what``: "prior", ...)."""
+    if name in reg.corrupt:
+        raise APIError(
+            404, f"{what} '{name}' is corrupt on disk and was skipped: {reg.corrupt[name]}",
+            param="name",
+        )
+    if name not in reg:
+        raise APIError(404, f"unknown {what} '{name}'", param="name")
+    return reg[name]
+
+
 _TYPE_LOCS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
 
 

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from processors.base import ParamError
 from processors.ngram import NgramPrior, check_weights
 from processors.ngram_tables import DEFAULT_ADD_K, DEFAULT_DISCOUNT, DEFAULT_WEIGHTS, ESTIMATORS
-from server.api.errors import APIError, error_responses
+from server.api.errors import APIError, artifact_or_404, error_responses
 from server.api.state import ServerState, StateDep
 from server.artifacts import (
     ArtifactExistsError,
@@ -308,14 +308,9 @@ async def list_priors(state: StateDep) -> dict[str, Any]:
 async def get_prior(name: str, state: StateDep) -> dict[str, Any]:
     """One prior: counts, orders, estimator, tokenizer fingerprint, corpus size."""
     reg = registry(state)
-    if name in reg.corrupt:
-        raise _bad(
-            "name", f"prior '{name}' is corrupt on disk and was skipped: {reg.corrupt[name]}", 404
-        )
-    if name not in reg:
-        raise _bad("name", f"unknown prior '{name}'", 404)
+    prior = artifact_or_404(reg, name, "prior")
     fp = state.env.tokenizer_fingerprint if state.env else ""
-    return prior_card(reg, reg[name], fp)
+    return prior_card(reg, prior, fp)
 
 
 @router.delete("/v1/priors/{name}", responses=_READ_ERRORS)

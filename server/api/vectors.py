@@ -36,7 +36,7 @@ from processors.control import (
     fit_layers,
 )
 from processors.control_gguf import GGUFFormatError, read_control_gguf, write_control_gguf
-from server.api.errors import APIError, error_responses
+from server.api.errors import APIError, artifact_or_404, error_responses
 from server.api.state import ServerState, StateDep
 from server.artifacts import (
     ArtifactExistsError,
@@ -332,12 +332,7 @@ async def import_gguf(name: str, request: Request, state: StateDep) -> JSONRespo
 
 
 def _lookup(reg: ArtifactRegistry[ControlVector], name: str) -> ControlVector:
-    if name in reg.corrupt:
-        raise _bad("name", f"control vector '{name}' is corrupt on disk and was skipped: "
-                   f"{reg.corrupt[name]}", 404)
-    if name not in reg:
-        raise _bad("name", f"unknown control vector '{name}'", 404)
-    return reg[name]
+    return artifact_or_404(reg, name, "control vector")
 
 
 @router.get("/v1/control-vectors/{name}/gguf", responses={**_READ_ERRORS, 200: {
