@@ -21,6 +21,7 @@ Life cycle (DESIGN.md, "Processor interface"):
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
@@ -114,6 +115,13 @@ class Processor(abc.ABC, Generic[SpecT]):
     def apply(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
         """Return steered logits ``(B, V)``; rows without a spec must be unchanged."""
 
+    def configure(self, options: Mapping[str, Any]) -> None:  # noqa: B027 (optional hook)
+        """Take server-wide options (from the settings) before ``update_state``.
+
+        ``options`` maps an option name to its value, e.g. ``fusion_memory_budget``;
+        processors read only the names they know, so the default ignores them all.
+        """
+
     @property
     def active(self) -> bool:
         """Whether any row of the current batch uses this processor."""
@@ -128,6 +136,70 @@ def check_keys(params: Mapping[str, Any], allowed: set[str]) -> None:
             raise ParamError(key, f"unknown field '{key}' (known fields: {known})")
 
 
+def _fmt(x: float) -> str:
+    """A bound or value as the user would write it (``1`` not ``1.0``, ``1e-06``)."""
+    return f"{x:g}" if math.isfinite(x) else str(x)
+
+
+def _digits(value: int) -> int:
+    """About how many decimal digits ``value`` has (no ``str()``: Python caps it)."""
+    return int(abs(value).bit_length() * 0.30103) + 1
+
+
+def _range_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    """``[0, 1]``, ``(0, 100]``, ``>= 0`` or ``> 0`` — the interval a value must lie in."""
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{_fmt(lo)}, {_fmt(hi)}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {_fmt(lo)}"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {_fmt(hi)}"
+    return "finite"
+
+
+def check_number(
+    value: Any,
+    param: str,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    hint: str = "",
+) -> float:
+    """Validate one real number ``value`` named ``param`` and return it as a float.
+
+    The one number check every processor uses, so every message has the same form
+    (STYLE §4): "`lambda` must be in [0, 1], got 1.5". ``hint`` is appended to the
+    range message (e.g. how to lift a limit). Overflow-safe: a JSON integer too large
+    for a float (``10**400``) is a 400 naming ``param``, never an ``OverflowError``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ParamError(param, f"`{param}` must be a number, got {value!r:.60}")
+    try:
+        x = float(value)
+    except OverflowError:
+        # Only ints reach here (a float is already a float); say so without printing
+        # 400 digits back.
+        digits = _digits(value) if isinstance(value, int) else 0
+        raise ParamError(
+            param,
+            f"`{param}` must be {_range_text(lo, hi, lo_open, hi_open)}, got an integer with "
+            f"{digits} digits (too large for a float)",
+        ) from None
+    if not math.isfinite(x):
+        raise ParamError(param, f"`{param}` must be finite, got {x}")
+    bad_lo = lo is not None and (x < lo or (lo_open and x == lo))
+    bad_hi = hi is not None and (x > hi or (hi_open and x == hi))
+    if bad_lo or bad_hi:
+        extra = f" {hint}" if hint else ""
+        raise ParamError(
+            param,
+            f"`{param}` must be {_range_text(lo, hi, lo_open, hi_open)}, got {_fmt(x)}{extra}",
+        )
+    return x
+
+
 def get_number(
     params: Mapping[str, Any],
     key: str,
@@ -136,18 +208,82 @@ def get_number(
     lo: float | None = None,
     hi: float | None = None,
     lo_open: bool = False,
+    hi_open: bool = False,
+    hint: str = "",
+    param: str | None = None,
 ) -> float:
-    """Read a finite real number from ``params[key]`` and check it lies in ``[lo, hi]``."""
-    value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ParamError(key, f"'{key}' must be a number, got {value!r}")
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ParamError(key, f"'{key}' must be finite, got {value}")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        bracket = "(" if lo_open else "["
-        raise ParamError(key, f"'{key}' must be in {bracket}{lo}, {hi}], got {value}")
-    if hi is not None and value > hi:
-        bracket = "(" if lo_open else "["
-        raise ParamError(key, f"'{key}' must be in {bracket}{lo}, {hi}], got {value}")
+    """Read ``params[key]`` (``default`` when absent) with :func:`check_number`.
+
+    ``param`` names the parameter in errors when it differs from ``key`` (e.g.
+    ``grid.max`` for the key ``max`` of a nested object).
+    """
+    return check_number(
+        params.get(key, default),
+        param or key,
+        lo=lo,
+        hi=hi,
+        lo_open=lo_open,
+        hi_open=hi_open,
+        hint=hint,
+    )
+
+
+def check_int(
+    value: Any, param: str, *, lo: int | None = None, hi: int | None = None
+) -> int:
+    """Validate an integer in ``[lo, hi]`` (a float such as ``2.0`` is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ParamError(param, f"`{param}` must be an integer, got {value!r:.60}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        shown = str(value) if abs(value) < 10**30 else f"an integer with {_digits(value)} digits"
+        lo_f = None if lo is None else float(lo)
+        hi_f = None if hi is None else float(hi)
+        raise ParamError(
+            param, f"`{param}` must be {_range_text(lo_f, hi_f, False, False)}, got {shown}"
+        )
     return value
+
+
+def get_int(
+    params: Mapping[str, Any],
+    key: str,
+    default: int,
+    *,
+    lo: int | None = None,
+    hi: int | None = None,
+    param: str | None = None,
+) -> int:
+    """Read ``params[key]`` (``default`` when absent) with :func:`check_int`."""
+    return check_int(params.get(key, default), param or key, lo=lo, hi=hi)
+
+
+def get_bool(
+    params: Mapping[str, Any], key: str, default: bool, *, param: str | None = None
+) -> bool:
+    """Read a JSON boolean (``1``/``"true"`` are refused: they are usually mistakes)."""
+    value = params.get(key, default)
+    if not isinstance(value, bool):
+        name = param or key
+        raise ParamError(name, f"`{name}` must be true or false, got {value!r:.60}")
+    return value
+
+
+ChoiceT = TypeVar("ChoiceT", bound=str)
+
+
+def get_choice(
+    params: Mapping[str, Any],
+    key: str,
+    default: ChoiceT,
+    choices: Sequence[ChoiceT],
+    *,
+    param: str | None = None,
+) -> ChoiceT:
+    """Read one of the strings ``choices`` (the message lists them)."""
+    value = params.get(key, default)
+    for choice in choices:
+        if isinstance(value, str) and value == choice:
+            return choice
+    name = param or key
+    known = ", ".join(f"'{c}'" for c in choices)
+    raise ParamError(name, f"`{name}` must be one of {known}, got {value!r:.60}")

@@ -58,14 +58,24 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from processors.base import ParamError, Processor, ProcessorEnv, StepContext, check_keys
+from processors.base import (
+    ParamError,
+    Processor,
+    ProcessorEnv,
+    StepContext,
+    check_int,
+    check_keys,
+    get_bool,
+    get_choice,
+    get_number,
+)
 from processors.stack import StackEntry, register
 
 Method = Literal["pca_diff", "pca_center", "mean_diff"]
 Positions = Literal["all", "prompt", "generated"]
 Phase = Literal["prompt", "generated"]
 METHODS: tuple[str, ...] = ("pca_diff", "pca_center", "mean_diff")
-POSITIONS: tuple[str, ...] = ("all", "prompt", "generated")
+POSITIONS: tuple[Positions, ...] = ("all", "prompt", "generated")
 MAX_ALPHA = 100.0
 ARTIFACT_FORMAT = 1
 RESOURCE = "control_vectors"  # ProcessorEnv.resources key of the loaded vectors
@@ -440,13 +450,7 @@ class ControlProcessor(Processor[ControlSpec]):
                 f"control vector '{name}' has hidden size {vec.hidden_size}; the serving "
                 f"model's is {D}",
             )
-        alpha = params.get("alpha", 1.0)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise ParamError("alpha", f"'alpha' must be a number, got {alpha!r}")
-        if not math.isfinite(alpha) or abs(alpha) > MAX_ALPHA:
-            raise ParamError(
-                "alpha", f"'alpha' must be in [-{MAX_ALPHA:g}, {MAX_ALPHA:g}], got {alpha}"
-            )
+        alpha = get_number(params, "alpha", 1.0, lo=-MAX_ALPHA, hi=MAX_ALPHA)
         raw_layers = params.get("layers")
         if raw_layers is None:
             layers = vec.layers
@@ -467,16 +471,8 @@ class ControlProcessor(Processor[ControlSpec]):
                     "layers" if raw_layers is not None else "vector",
                     f"layer {bad[0]} does not exist: the serving model has {L} blocks (0-{L - 1})",
                 )
-        positions = params.get("positions", "all")
-        if positions not in POSITIONS:
-            raise ParamError(
-                "positions", f"'positions' must be one of {', '.join(POSITIONS)}, got {positions!r}"
-            )
-        preserve = params.get("preserve_norm", False)
-        if not isinstance(preserve, bool):
-            raise ParamError(
-                "preserve_norm", f"'preserve_norm' must be true or false, got {preserve!r}"
-            )
+        positions = get_choice(params, "positions", "all", POSITIONS)
+        preserve = get_bool(params, "preserve_norm", False)
         return ControlSpec(vec, float(alpha), layers, positions, preserve)
 
     def update_state(self, specs: Sequence[ControlSpec | None]) -> None:
@@ -494,9 +490,7 @@ def check_layers(value: Any, param: str) -> tuple[int, ...]:
         )
     out: list[int] = []
     for i, x in enumerate(value):
-        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
-            raise ParamError(f"{param}.{i}", f"'{param}[{i}]' must be an integer >= 0, got {x!r}")
-        out.append(x)
+        out.append(check_int(x, f"{param}.{i}", lo=0))
     if len(set(out)) != len(out):
         raise ParamError(param, f"'{param}' lists a layer twice: {value!r}")
     return tuple(sorted(out))

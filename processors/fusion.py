@@ -12,7 +12,8 @@ entries of the request's stack), so stacking composes.
 
 * **static** (proxy-tuning): ``α_t`` fixed by the request, one per expert.
 * **dynamic** (default): per step and row, the experts are searched one at a time with
-  the others at 0. For expert ``t`` and grid point ``α ∈ {0, step, …, max}`` the
+  the others at 0. For expert ``t`` and grid point ``α ∈ {min, min + step, …, max}``
+(``min`` defaults to 0; a negative α moves away from the expert) the
   candidate is ``P̃_{t,α} = softmax(M_L + α (M_t − M_S))`` and its objective is the one
   term of the paper's sum that belongs to the searched expert (the other experts' α are
   0, so their terms would only compare ``P̃`` with experts that are not in it)::
@@ -21,8 +22,12 @@ entries of the request's stack), so stacking composes.
 
   with ``P = softmax(M_L)``, ``Q = softmax(M_S)``, ``Q_t = softmax(M_t)``. The step uses
   the single candidate ``(t*, α*) = argmin_{t,α} J`` (ties: lowest ``t``, then lowest
-  ``α``). All ``T × G`` candidates of all rows are one ``(B, T·G, V)`` computation.
-  With one expert this is exactly the paper's objective.
+  ``α``). The ``T × G`` candidates of all rows are evaluated in chunks of grid points,
+  each chunk one ``(B, T, g, V)`` float32 buffer of at most ``memory_budget`` bytes
+  (:data:`DEFAULT_MEMORY_BUDGET`, the server's ``fusion_memory_mb`` setting; at least
+  one grid point per chunk), so memory is bounded whatever the batch, vocabulary and
+  grid; each candidate's numbers are computed the same way in any chunking. With one
+  expert this is exactly the paper's objective.
 
 Engine contract: ``ctx.extras["aux_logits"]`` maps an auxiliary model's name to its
 ``(B, V)`` float32 next-token logits for the current step, for every auxiliary model
@@ -46,7 +51,16 @@ from typing import Any
 
 import torch
 
-from processors.base import ParamError, Processor, ProcessorEnv, StepContext, check_keys
+from processors.base import (
+    ParamError,
+    Processor,
+    ProcessorEnv,
+    StepContext,
+    check_keys,
+    check_number,
+    get_choice,
+    get_number,
+)
 from processors.metrics import kl_from_logp
 from processors.stack import register
 
@@ -56,10 +70,13 @@ ROLES = (ROLE_SMALL_BASE, ROLE_EXPERT)
 RESOURCE = "aux_models"  # env.resources key: auxiliary model name -> role
 EXTRAS_KEY = "aux_logits"  # ctx.extras key: auxiliary model name -> (B, V) logits
 
+DEFAULT_GRID_MIN = 0.0
 DEFAULT_GRID_MAX = 2.0
 DEFAULT_GRID_STEP = 0.1
 MAX_GRID_POINTS = 101
 MAX_ALPHA = 100.0
+# Bytes of the float32 candidate buffer of one dynamic-fusion chunk (see dynamic_fusion).
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 FUSION_STATS = (
     "fusion_alpha",
@@ -77,7 +94,8 @@ class FusionSpec:
     """Validated fusion entry.
 
     ``alpha`` holds one weight per expert (static mode, empty in dynamic mode); the grid
-    is ``{0, grid_step, …, (grid_points − 1)·grid_step}`` (dynamic mode).
+    is ``{grid_min, grid_min + grid_step, …}`` up to ``grid_max`` (dynamic mode).
+    ``grid_min`` defaults to 0 and may be negative (α < 0 moves away from the expert).
     """
 
     experts: tuple[str, ...]
@@ -86,15 +104,17 @@ class FusionSpec:
     alpha: tuple[float, ...] = ()
     grid_max: float = DEFAULT_GRID_MAX
     grid_step: float = DEFAULT_GRID_STEP
+    grid_min: float = DEFAULT_GRID_MIN
 
     @property
     def grid_points(self) -> int:
-        """Number of α values searched (``floor(max/step) + 1``, robust to rounding)."""
-        return int(math.floor(self.grid_max / self.grid_step + 1e-9)) + 1
+        """Number of α values searched (``floor((max − min)/step) + 1``, robust to
+        rounding)."""
+        return int(math.floor((self.grid_max - self.grid_min) / self.grid_step + 1e-9)) + 1
 
     def grid(self) -> list[float]:
-        """The α values searched, ascending from 0."""
-        return [g * self.grid_step for g in range(self.grid_points)]
+        """The α values searched, ascending from ``grid_min``."""
+        return [self.grid_min + g * self.grid_step for g in range(self.grid_points)]
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -109,15 +129,6 @@ def fusion_models(steering: Sequence[Any]) -> set[str]:
         if entry.type == "fusion":
             names.update(entry.spec.models)
     return names
-
-
-def _number(value: Any, param: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ParamError(param, f"'{param}' must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ParamError(param, f"'{param}' must be finite, got {value}")
-    return value
 
 
 def _model(name: Any, param: str, role: str, roles: Mapping[str, str]) -> str:
@@ -156,6 +167,11 @@ class LogitFusion(Processor[FusionSpec]):
     """
 
     type_name = "fusion"
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+
+    def configure(self, options: Mapping[str, Any]) -> None:
+        """Take ``fusion_memory_budget`` (bytes per candidate chunk) from the server."""
+        self.memory_budget = int(options.get("fusion_memory_budget", DEFAULT_MEMORY_BUDGET))
 
     @classmethod
     def validate(cls, params: Mapping[str, Any], env: ProcessorEnv) -> FusionSpec:
@@ -181,9 +197,7 @@ class LogitFusion(Processor[FusionSpec]):
                 )
             base = bases[0]
         base = _model(base, "base", ROLE_SMALL_BASE, roles)
-        mode = params.get("mode", "dynamic")
-        if mode not in ("dynamic", "static"):
-            raise ParamError("mode", f"'mode' must be 'dynamic' or 'static', got {mode!r}")
+        mode = get_choice(params, "mode", "dynamic", ("dynamic", "static"))
         if mode == "static":
             if "grid" in params:
                 raise ParamError("grid", "'grid' is only used with mode 'dynamic'")
@@ -193,13 +207,10 @@ class LogitFusion(Processor[FusionSpec]):
                     "alpha", f"mode 'static' needs 'alpha': a list of {len(names)} number(s), "
                     f"one per expert, got {alpha!r}",
                 )
-            alphas = tuple(_number(a, f"alpha.{i}") for i, a in enumerate(alpha))
-            for i, a in enumerate(alphas):
-                if abs(a) > MAX_ALPHA:
-                    raise ParamError(
-                        f"alpha.{i}", f"'alpha.{i}' must be in [-{MAX_ALPHA}, {MAX_ALPHA}], "
-                        f"got {a}",
-                    )
+            alphas = tuple(
+                check_number(a, f"alpha.{i}", lo=-MAX_ALPHA, hi=MAX_ALPHA)
+                for i, a in enumerate(alpha)
+            )
             return FusionSpec(names, base, "static", alphas)
         if "alpha" in params:
             raise ParamError("alpha", "'alpha' is only used with mode 'static'")
@@ -207,15 +218,19 @@ class LogitFusion(Processor[FusionSpec]):
         if not isinstance(grid, Mapping):
             raise ParamError("grid", f"'grid' must be an object {{max, step}}, got {grid!r}")
         for key in grid:
-            if key not in ("max", "step"):
-                raise ParamError(f"grid.{key}", f"unknown field 'grid.{key}' (known: max, step)")
-        gmax = _number(grid.get("max", DEFAULT_GRID_MAX), "grid.max")
-        gstep = _number(grid.get("step", DEFAULT_GRID_STEP), "grid.step")
-        if gmax < 0:
-            raise ParamError("grid.max", f"'grid.max' must be >= 0, got {gmax}")
-        if gstep <= 0:
-            raise ParamError("grid.step", f"'grid.step' must be > 0, got {gstep}")
-        spec = FusionSpec(names, base, "dynamic", (), gmax, gstep)
+            if key not in ("min", "max", "step"):
+                raise ParamError(
+                    f"grid.{key}", f"unknown field 'grid.{key}' (known: min, max, step)"
+                )
+        gmin = get_number(
+            grid, "min", DEFAULT_GRID_MIN, lo=-MAX_ALPHA, hi=MAX_ALPHA, param="grid.min"
+        )
+        gmax = get_number(grid, "max", DEFAULT_GRID_MAX, lo=gmin, hi=MAX_ALPHA, param="grid.max")
+        gstep = get_number(
+            grid, "step", DEFAULT_GRID_STEP, lo=0.0, lo_open=True, hi=2 * MAX_ALPHA,
+            param="grid.step",
+        )
+        spec = FusionSpec(names, base, "dynamic", (), gmax, gstep, gmin)
         if spec.grid_points > MAX_GRID_POINTS:
             raise ParamError(
                 "grid", f"the grid has {spec.grid_points} points (max/step + 1); at most "
@@ -304,7 +319,7 @@ class LogitFusion(Processor[FusionSpec]):
                 stats.update(_kl_stats(m_strong, out, m_small, m_exp[:, 0]))
         if self._any_dyn:
             fused, (t_idx, a_val, obj) = dynamic_fusion(
-                m_strong, m_small, m_exp, self._grid, self._valid
+                m_strong, m_small, m_exp, self._grid, self._valid, self.memory_budget
             )
             out = torch.where(self._dyn, fused, out) if self._any_static else fused
             if ctx.want_stats:
@@ -351,8 +366,9 @@ def dynamic_fusion(
     m_exp: torch.Tensor,
     grid: torch.Tensor,
     valid: torch.Tensor,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The grid search of the dynamic mode for all rows at once.
+    """The grid search of the dynamic mode for all rows at once, in bounded memory.
 
     Args:
         m_strong: ``(B, V)`` log-probs of the strong model (``log P``).
@@ -360,6 +376,8 @@ def dynamic_fusion(
         m_exp: ``(B, T, V)`` log-probs of the experts (``log Q_t``).
         grid: ``(B, 1, G)`` α values per row.
         valid: ``(B, T, G)`` bool, the candidates that exist for each row.
+        memory_budget: bytes allowed for one chunk's ``(B, T, g, V)`` float32 buffer;
+            ``g = max(1, budget // (4·B·T·V))`` grid points per chunk.
 
     Returns:
         ``fused (B, V)`` = ``M_L + α* (M_{t*} − M_S)`` and ``(t* (B,) int64, α* (B,),
@@ -368,16 +386,27 @@ def dynamic_fusion(
     B, T, V = m_exp.shape
     G = grid.shape[-1]
     delta = m_exp - m_small.unsqueeze(1)  # d_t = M_t − M_S  (B, T, V)
-    alpha = grid.view(B, 1, G, 1)
     # Candidate (t, g): c = M_L + α_g d_t, log P̃ = c − lse(c). Because M_L = log P is
     # normalized, both KLs need only lse(c) and E_P̃[d_t] (no (B,T·G,V) log-softmax):
     #   KL(P‖P̃) = lse − α E_P[d_t],   KL(P̃‖P) = α E_P̃[d_t] − lse.
-    w = m_strong.view(B, 1, 1, V) + alpha * delta.view(B, T, 1, V)  # (B, T, G, V)
-    shift = w.amax(dim=-1, keepdim=True)  # (B, T, G, 1)
-    w.sub_(shift).exp_()  # exp(c − max c), in place: one (B,T,G,V) buffer in all
-    z = w.sum(dim=-1)  # (B, T, G)
-    wd = torch.matmul(w, delta.unsqueeze(-1)).squeeze(-1)  # Σ_v w·d_t  (B, T, G)
-    lse = shift.squeeze(-1) + z.log()
+    # The (B, T, g, V) buffer of exp(c − max c) is built for ``g`` grid points at a time
+    # so that it never exceeds ``memory_budget`` bytes.
+    g_chunk = max(1, min(G, int(memory_budget) // max(1, B * T * V * 4)))
+    lse_parts, wd_parts, z_parts = [], [], []
+    for g0 in range(0, G, g_chunk):
+        g1 = min(G, g0 + g_chunk)
+        alpha = grid[..., g0:g1].reshape(B, 1, g1 - g0, 1)
+        w = m_strong.view(B, 1, 1, V) + alpha * delta.view(B, T, 1, V)  # (B, T, g, V)
+        shift = w.amax(dim=-1, keepdim=True)  # (B, T, g, 1)
+        w.sub_(shift).exp_()  # exp(c − max c), in place: one buffer per chunk
+        z = w.sum(dim=-1)  # (B, T, g)
+        wd_parts.append(torch.matmul(w, delta.unsqueeze(-1)).squeeze(-1))  # Σ_v w·d_t
+        lse_parts.append(shift.squeeze(-1) + z.log())
+        z_parts.append(z)
+        del w
+    z = torch.cat(z_parts, dim=-1)  # (B, T, G)
+    wd = torch.cat(wd_parts, dim=-1)
+    lse = torch.cat(lse_parts, dim=-1)
     a = grid.view(B, 1, G)
     e_fused = wd / z  # E_P̃[d_t]
     e_strong = (m_strong.exp().unsqueeze(1) * delta).sum(-1, keepdim=True)  # E_P[d_t] (B,T,1)

@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-from processors.base import ParamError, Processor, ProcessorEnv, StepContext, check_keys
+from processors.base import (
+    ParamError,
+    Processor,
+    ProcessorEnv,
+    StepContext,
+    check_keys,
+    check_number,
+)
 from processors.stack import register
 
 MAX_BIAS_ENTRIES = 1024
@@ -66,12 +73,8 @@ class LogitBias(Processor[LogitBiasSpec]):
                 raise ParamError(
                     "bias", f"token id {token} is outside the vocabulary [0, {env.vocab_size})"
                 )
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ParamError(f"bias.{key}", f"bias must be a number, got {value!r}")
-            if not -100.0 <= float(value) <= 100.0:
-                raise ParamError(f"bias.{key}", f"bias must be in [-100, 100], got {value}")
             ids.append(token)
-            values.append(float(value))
+            values.append(check_number(value, f"bias.{key}", lo=-100.0, hi=100.0))
         return LogitBiasSpec(tuple(ids), tuple(values))
 
     def update_state(self, specs: Sequence[LogitBiasSpec | None]) -> None:

@@ -62,7 +62,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from processors.base import ParamError, Processor, ProcessorEnv, StepContext, check_keys
+from processors.base import (
+    ParamError,
+    Processor,
+    ProcessorEnv,
+    StepContext,
+    check_keys,
+    check_number,
+    get_bool,
+    get_choice,
+    get_number,
+)
 from processors.ngram_tables import (
     DEFAULT_ADD_K,
     DEFAULT_DISCOUNT,
@@ -88,20 +98,14 @@ def check_weights(value: Any, param: str = "weights") -> tuple[float, float, flo
     """Validate ``[w1, w2, w3]``: finite, non-negative, ``w1 > 0``."""
     if not isinstance(value, (list, tuple)) or len(value) != 3:
         raise ParamError(
-            param, f"'{param}' must be a list of 3 numbers [w1, w2, w3], got {value!r}"
+            param, f"`{param}` must be a list of 3 numbers [w1, w2, w3], got {value!r:.60}"
         )
-    out: list[float] = []
-    for i, w in enumerate(value):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ParamError(f"{param}.{i}", f"'{param}[{i}]' must be a finite number, got {w!r}")
-        if w < 0:
-            raise ParamError(f"{param}.{i}", f"'{param}[{i}]' must be >= 0, got {w}")
-        out.append(float(w))
+    out = [check_number(w, f"{param}.{i}", lo=0.0) for i, w in enumerate(value)]
     if out[0] <= 0:
         raise ParamError(
             f"{param}.0",
-            f"'{param}[0]' (the unigram weight) must be > 0 so that every token keeps a "
-            f"non-zero probability, got {out[0]}",
+            f"`{param}.0` (the unigram weight) must be > 0 so that every token keeps a "
+            f"non-zero probability, got {out[0]:g}",
         )
     return out[0], out[1], out[2]
 
@@ -474,21 +478,15 @@ class NgramProcessor(Processor[NgramSpec]):
                 f"{prior.tokenizer_fingerprint[:12] or '?'}) than the serving model's "
                 f"({env.tokenizer_fingerprint[:12] or '?'}); rebuild it for this model",
             )
-        allow = params.get("allow_lambda_above_one", False)
-        if not isinstance(allow, bool):
-            raise ParamError(
-                "allow_lambda_above_one",
-                f"'allow_lambda_above_one' must be true or false, got {allow!r}",
-            )
-        hi = MAX_LAMBDA if allow else 1.0
-        try:
-            lam = _number(params, "lambda", 0.1, hi)
-        except ParamError as err:
-            if allow or "must be in" not in err.message:
-                raise
-            raise ParamError(
-                "lambda", err.message + ' (set "allow_lambda_above_one": true to go above 1)'
-            ) from None
+        allow = get_bool(params, "allow_lambda_above_one", False)
+        lam = get_number(
+            params,
+            "lambda",
+            0.1,
+            lo=0.0,
+            hi=MAX_LAMBDA if allow else 1.0,
+            hint="" if allow else '(set "allow_lambda_above_one": true to go above 1)',
+        )
         raw_weights = params.get("weights")
         if raw_weights is None:
             weights = prior.default_weights
@@ -500,9 +498,7 @@ class NgramProcessor(Processor[NgramSpec]):
             )
         else:
             weights = check_weights(raw_weights)
-        scale = params.get("scale", "raw")
-        if scale not in ("raw", "zscore"):
-            raise ParamError("scale", f"'scale' must be 'raw' or 'zscore', got {scale!r}")
+        scale: Scale = get_choice(params, "scale", "raw", ("raw", "zscore"))
         return NgramSpec(prior, lam, weights, scale)
 
     def update_state(self, specs: Sequence[NgramSpec | None]) -> None:
@@ -573,18 +569,6 @@ class NgramProcessor(Processor[NgramSpec]):
         s = _pad_columns(s, V, s.amin(1, True))
         # Out of place, and rows with λ = 0 or no prior take ``logits`` unchanged.
         return torch.where(self.steer, logits + self.lam * s.to(logits.dtype), logits)
-
-
-def _number(params: Mapping[str, Any], key: str, default: float, hi: float) -> float:
-    value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ParamError(key, f"'{key}' must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ParamError(key, f"'{key}' must be finite, got {value}")
-    if not 0.0 <= value <= hi:
-        raise ParamError(key, f"'{key}' must be in [0, {hi:g}], got {value:g}")
-    return value
 
 
 register(NgramProcessor)

@@ -140,9 +140,16 @@ class ProcessorStack:
                 [0., 0., 0., 0.]])
     """
 
-    def __init__(self, device: torch.device, vocab_size: int) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        vocab_size: int,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
         self.device = device
         self.vocab_size = vocab_size
+        # Server-wide processor options (Processor.configure), e.g. fusion's memory budget.
+        self.options: Mapping[str, Any] = dict(options or {})
         self.stages: list[list[Processor[Any]]] = []
 
     def update_state(self, rows: Sequence[Sequence[StackEntry]]) -> None:
@@ -159,6 +166,7 @@ class ProcessorStack:
                     for r in logit_rows
                 ]
                 proc = _REGISTRY[type_name](self.device, self.vocab_size)
+                proc.configure(self.options)
                 proc.update_state(specs)
                 if proc.active:
                     stage.append(proc)

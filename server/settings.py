@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     max_steering_entries: int = Field(8, ge=0)
     max_stop_sequences: int = Field(8, ge=0)
     max_sweep_points: int = Field(64, ge=1, description="Largest /v1/sweep grid.")
+    fusion_memory_mb: int = Field(
+        256,
+        ge=1,
+        description="Memory budget (MiB) of one chunk of dynamic fusion's grid search; the "
+        "candidates are evaluated in chunks of at most this size (at least one grid point).",
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     retry_after_s: int = Field(1, ge=0)
     max_corpus_bytes: int = Field(

@@ -90,6 +90,7 @@ class ServerState:
                 max_queue=s.max_queue,
                 max_prefill_tokens=s.max_prefill_tokens,
                 request_timeout_s=s.request_timeout_s,
+                fusion_memory_mb=s.fusion_memory_mb,
             ),
             aux_models={a.name: a.bundle.model for a in aux},
         )

@@ -67,6 +67,7 @@ class EngineConfig:
     max_queue: int = 64
     max_prefill_tokens: int = 8192
     request_timeout_s: float | None = None  # default per-request budget (None = unlimited)
+    fusion_memory_mb: int = 256  # dynamic fusion's per-chunk candidate buffer (MiB)
 
 
 @dataclass
@@ -126,7 +127,11 @@ class Engine:
         self.batch = BatchState(self.vocab_size, self.device)
         self.twins = UnsteeredTwins(self.runner, self.vocab_size, self.device)
         self._decode_phase: Any = None  # control-vector deltas of decode steps (PhaseDeltas)
-        self.stack = ProcessorStack(self.device, self.vocab_size)
+        self.stack = ProcessorStack(
+            self.device,
+            self.vocab_size,
+            options={"fusion_memory_budget": self.config.fusion_memory_mb * 2**20},
+        )
         # Fusion's auxiliary models (name -> model), each with its own KV cache.
         self.aux = AuxPool(aux_models or {}, self.vocab_size)
         self.sampler = Sampler(self.device, self.vocab_size, self.eos_ids)

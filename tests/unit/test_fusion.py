@@ -151,7 +151,10 @@ def test_grid_search_random_cases_against_brute_force() -> None:
         ({"experts": ["e1"], "base": "small", "grid": {"step": 0}}, "grid.step", 400),
         ({"experts": ["e1"], "base": "small", "grid": {"max": -1}}, "grid.max", 400),
         ({"experts": ["e1"], "base": "small", "grid": {"max": 20, "step": 0.1}}, "grid", 400),
-        ({"experts": ["e1"], "base": "small", "grid": {"min": 0}}, "grid.min", 400),
+        ({"experts": ["e1"], "base": "small", "grid": {"min": 1, "max": 0.5}}, "grid.max", 400),
+        ({"experts": ["e1"], "base": "small", "grid": {"min": -101}}, "grid.min", 400),
+        ({"experts": ["e1"], "base": "small", "grid": {"min": 10**400}}, "grid.min", 400),
+        ({"experts": ["e1"], "base": "small", "grid": {"lo": 0}}, "grid.lo", 400),
         ({"experts": ["e1"], "base": "small", "lambda": 1}, "lambda", 400),
     ],
 )

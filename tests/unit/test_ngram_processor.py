@@ -173,8 +173,12 @@ def test_two_ngram_stages_in_one_stack() -> None:
         ({"weights": [1, 2]}, "weights", 400, "list of 3"),
         ({"weights": [1, -2, 3]}, "weights.1", 400, ">= 0"),
         ({"weights": [0, 1, 1]}, "weights.0", 400, "unigram weight"),
-        ({"weights": [1, True, 1]}, "weights.1", 400, "finite number"),
-        ({"scale": "log"}, "scale", 400, "'raw' or 'zscore'"),
+        ({"weights": [1, True, 1]}, "weights.1", 400, "must be a number"),
+        ({"scale": "log"}, "scale", 400, "one of 'raw', 'zscore'"),
+        # A 400-digit JSON integer is a 400 naming the field, never an OverflowError.
+        ({"lambda": 10**400}, "lambda", 400, "too large for a float"),
+        ({"weights": [1, 10**400, 1]}, "weights.1", 400, "too large for a float"),
+        ({"lambda": 2, "allow_lambda_above_one": 1}, "allow_lambda_above_one", 400, "true or"),
         ({"alpha": 1}, "alpha", 400, "unknown field"),
     ],
 )
