@@ -119,13 +119,15 @@ class DeviceOrder:
     index; ``offsets (C+2,)`` gives the sentinel an empty slice; ``next_ids``/``values``
     ``(E+1,)`` end with an entry (id 0, value 0) that padded gathers point at, so
     scattering it adds exactly zero. ``max_len`` is the longest slice ``L``.
+    ``log_gamma (C+1,)`` is ``log γ`` taken in float64 on the host (``-inf`` where γ = 0),
+    so a γ too small for float32 (a Kneser–Ney discount of 1e-20) stays finite.
     """
 
     keys: torch.Tensor
     offsets: torch.Tensor
     next_ids: torch.Tensor
     values: torch.Tensor
-    gamma: torch.Tensor
+    log_gamma: torch.Tensor
     max_len: int
 
     @property
@@ -139,11 +141,13 @@ class DeviceTables:
     """The tables of ``P`` priors (sharing one vocabulary) stacked for one batch.
 
     Context keys of prior ``p`` are offset by ``p·V`` (order 2) or ``p·V²`` (order 3),
-    so the concatenation stays sorted. ``unigram`` is ``(P, V)``.
+    so the concatenation stays sorted. ``unigram`` is ``(P, V)``; ``log_unigram`` its
+    log taken in float64 on the host (finite: the unigram is strictly positive).
     """
 
     vocab_size: int
     unigram: torch.Tensor
+    log_unigram: torch.Tensor
     bi: DeviceOrder
     tri: DeviceOrder
 
@@ -175,9 +179,21 @@ def _device_order(
         offsets=put(offsets, torch.int64),
         next_ids=put(nxt, torch.int64),
         values=put(vals, dtype),
-        gamma=put(gamma, dtype),
+        log_gamma=put([_log64(g) for g in gamma], dtype),
         max_len=max_len,
     )
+
+
+def _log64(x: np.ndarray) -> np.ndarray:
+    """``log x`` in float64 with ``log 0 = -inf`` (no warning)."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.asarray(x, dtype=np.float64))
+
+
+def log_weights(weights: Sequence[float]) -> tuple[float, float, float]:
+    """``log w`` of Jelinek–Mercer weights in float64 (``-inf`` for a zero weight)."""
+    a, b, c = (math.log(w) if w > 0 else -math.inf for w in weights)
+    return a, b, c
 
 
 _COMBINED: OrderedDict[tuple[Any, ...], DeviceTables] = OrderedDict()
@@ -199,9 +215,11 @@ def device_tables(
     if any(p.vocab_size != V for p in priors):
         raise ValueError("priors stacked in one batch must share one vocabulary")
     tabs = [p.tables for p in priors]
+    uni = np.stack([t.unigram for t in tabs])
     built = DeviceTables(
         vocab_size=V,
-        unigram=torch.from_numpy(np.stack([t.unigram for t in tabs])).to(device, dtype),
+        unigram=torch.from_numpy(uni).to(device, dtype),
+        log_unigram=torch.from_numpy(_log64(uni)).to(device, dtype),
         bi=_device_order([t.bi for t in tabs], V, device, dtype),
         tri=_device_order([t.tri for t in tabs], V * V, device, dtype),
     )
@@ -213,12 +231,12 @@ def device_tables(
 
 
 def _find(order: DeviceOrder, key: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Locate ``key (B,)`` in ``order``; returns (found, start, length, gamma), all (B,)."""
+    """Locate ``key (B,)`` in ``order``; returns (found, start, length, log γ), all (B,)."""
     idx = torch.searchsorted(order.keys, key.contiguous())  # (B,) in [0, C]
     found = ok & (order.keys[idx] == key)
     start = order.offsets[idx]
     length = torch.where(found, order.offsets[idx + 1] - start, torch.zeros_like(start))
-    return found, start, length, order.gamma[idx]
+    return found, start, length, order.log_gamma[idx]
 
 
 def _scatter(
@@ -248,40 +266,62 @@ def style_logprobs(
     tables: DeviceTables,
     last_tokens: torch.Tensor,
     prior_idx: torch.Tensor,
-    weights: torch.Tensor,
+    log_w: torch.Tensor,
     is_kn: torch.Tensor,
 ) -> torch.Tensor:
-    """``log p_style(· | context)`` for every row: ``(B, V_prior)``.
+    """``log p_style(· | context)`` for every row: ``(B, V_prior)``, finite everywhere.
 
     Args:
         tables: stacked tables of the batch's priors.
         last_tokens: ``(B, 2)`` int64, oldest first; ``-1`` (or any id outside the
             prior's vocabulary) means "no token": that order then does not match.
         prior_idx: ``(B,)`` int64 which prior of ``tables`` each row uses.
-        weights: ``(B, 3)`` Jelinek–Mercer weights (ignored for Kneser–Ney rows).
+        log_w: ``(B, 3)`` log Jelinek–Mercer weights (:func:`log_weights`; ignored for
+            Kneser–Ney rows).
         is_kn: ``(B,)`` bool, rows whose prior is Kneser–Ney.
+
+    Numerics. ``p(w) = c1·p1(w) + c2·a2(w) + c3·a3(w)`` in the served float32 would
+    underflow when a coefficient or ``p1`` is tiny (weights ``[1e-50, 1, 1]``, add-k
+    ``1e-50``, a Kneser–Ney discount ``1e-20``): tokens then got ``-inf`` and z-scores
+    NaN. So the coefficients are built in log space (``log c`` from host-side float64
+    logs), the mixture is summed with its coefficients scaled by their row maximum
+    (the largest becomes 1, so the leading terms cannot underflow) and the result is
+    ``max(log(mixture) + log c_max, log c1 + log p1(w))``, where a scaled sum below
+    float32's smallest normal number counts as 0 (subnormals have lost their
+    precision). The second term is the dense unigram part in log space: a lower bound
+    of ``log p(w)`` that is always finite, and the whole value wherever the scaled sum
+    underflowed. Where nothing underflows the first term is the float32 mixture itself.
+    What can still be lost is a sparse term more than ~1e38 times smaller than the
+    row's largest term yet larger than its dense term: then the result is the dense
+    lower bound (finite, never favouring the token).
     """
     V = tables.vocab_size
     u, v = last_tokens[:, 0], last_tokens[:, 1]
     ok2 = (v >= 0) & (v < V)
     ok3 = ok2 & (u >= 0) & (u < V)
     vv, uu = v.clamp(0, V - 1), u.clamp(0, V - 1)
-    found2, start2, len2, g2 = _find(tables.bi, prior_idx * V + vv, ok2)
-    found3, start3, len3, g3 = _find(tables.tri, (prior_idx * V + uu) * V + vv, ok3)
-    m2, m3 = found2.to(weights.dtype), found3.to(weights.dtype)
-    one = torch.ones_like(m2)
-    # Jelinek–Mercer: weights renormalized over the matched orders (w1 > 0 always).
-    jm = weights * torch.stack([one, m2, m3], dim=1)  # (B, 3)
-    jm = jm / jm.sum(dim=1, keepdim=True)
+    found2, start2, len2, lg2 = _find(tables.bi, prior_idx * V + vv, ok2)
+    found3, start3, len3, lg3 = _find(tables.tri, (prior_idx * V + uu) * V + vv, ok3)
+    zero = torch.zeros_like(lg2)
+    ninf = torch.full_like(lg2, -math.inf)
+    # Jelinek–Mercer: log c_n = log w_n − log Σ_{matched m} w_m (w1 > 0: always finite).
+    matched = torch.stack([torch.ones_like(found2), found2, found3], dim=1)  # (B, 3)
+    lw = torch.where(matched, log_w, torch.full_like(log_w, -math.inf))
+    jm = lw - torch.logsumexp(lw, dim=1, keepdim=True)
     # Kneser–Ney: p = [m3](a3 + g3·q2) + [¬m3] q2, q2 = [m2](a2 + g2·p1) + [¬m2] p1.
-    kn2 = torch.where(found3, g3, one)
-    kn1 = kn2 * torch.where(found2, g2, one)
-    kn = torch.stack([kn1, kn2, m3], dim=1)
-    coef = torch.where(is_kn.unsqueeze(1), kn, jm)  # (B, 3)
+    kn2 = torch.where(found3, lg3, zero)
+    kn1 = kn2 + torch.where(found2, lg2, zero)
+    kn = torch.stack([kn1, kn2, torch.where(found3, zero, ninf)], dim=1)
+    log_c = torch.where(is_kn.unsqueeze(1), kn, jm)  # (B, 3); column 0 finite
+    top = log_c.amax(dim=1, keepdim=True)  # (B, 1)
+    coef = (log_c - top).exp()  # (B, 3) in [0, 1], the largest exactly 1
     probs = tables.unigram.index_select(0, prior_idx) * coef[:, :1]  # (B, V)
     _scatter(probs, tables.bi, start2, len2, coef[:, 1])
     _scatter(probs, tables.tri, start3, len3, coef[:, 2])
-    return probs.log()
+    dense = tables.log_unigram.index_select(0, prior_idx) + log_c[:, :1]  # (B, V) finite
+    # A subnormal sum has lost its precision (and 0 has no log): use the dense bound there.
+    mixed = probs.log().masked_fill_(probs < torch.finfo(probs.dtype).tiny, -math.inf)
+    return torch.maximum(mixed + top, dense)
 
 
 # ------------------------------------------------------------------ the artifact
@@ -409,7 +449,7 @@ class NgramPrior:
         """
         ctx = [-1, -1, *[int(t) for t in context]][-2:]
         tables = device_tables([self], torch.device("cpu"), dtype)
-        w = torch.tensor([list(weights or self.default_weights)], dtype=dtype)
+        w = torch.tensor([log_weights(weights or self.default_weights)], dtype=dtype)
         out = style_logprobs(
             tables,
             torch.tensor([ctx], dtype=torch.long),
@@ -538,7 +578,10 @@ class NgramProcessor(Processor[NgramSpec]):
         self.tables = device_tables(priors, dev, torch.float32)
         self.prior_idx = torch.tensor(pidx, dtype=torch.long, device=dev)  # (B,)
         self.lam = torch.tensor(lam, dtype=torch.float32, device=dev).view(B, 1)  # (B, 1)
-        self.weights = torch.tensor(weights, dtype=torch.float32, device=dev)  # (B, 3)
+        # log w in float64 on the host: a weight like 1e-50 is 0 in float32, its log isn't.
+        self.log_w = torch.tensor(
+            [log_weights(w) for w in weights], dtype=torch.float32, device=dev
+        )  # (B, 3)
         self.is_kn = torch.tensor(kn, dtype=torch.bool, device=dev)  # (B,)
         self.zscore = torch.tensor(zs, dtype=torch.bool, device=dev).view(B, 1)  # (B, 1)
         self.used = torch.tensor(used, dtype=torch.bool, device=dev).view(B, 1)  # (B, 1)
@@ -553,7 +596,7 @@ class NgramProcessor(Processor[NgramSpec]):
             return logits
         B, V = logits.shape
         logp = style_logprobs(  # (B, Vp)
-            self.tables, ctx.last_tokens, self.prior_idx, self.weights, self.is_kn
+            self.tables, ctx.last_tokens, self.prior_idx, self.log_w, self.is_kn
         )
         if ctx.want_stats:
             nll = -logp
@@ -582,5 +625,6 @@ __all__ = [
     "add_token_stat",
     "check_weights",
     "device_tables",
+    "log_weights",
     "style_logprobs",
 ]

@@ -233,12 +233,27 @@ def _table(keys: np.ndarray, counts: np.ndarray, V: int, discount: float | None)
     return OrderTable(ctx_keys, offsets, nxt, values, gamma)
 
 
+def _check_unigram(unigram: np.ndarray, what: str) -> None:
+    """Every token must keep a positive float64 probability (its log is what is served).
+
+    Only a smoothing parameter near float64's underflow (``add_k=5e-324``) can break
+    this; the device path takes logs in float64, so anything positive here stays
+    finite in float32 (processors.ngram.style_logprobs).
+    """
+    if not (np.all(np.isfinite(unigram)) and np.all(unigram > 0)):
+        raise ValueError(
+            f"{what} is too small: some tokens' smoothed unigram probability underflows "
+            "to 0 in float64"
+        )
+
+
 def jelinek_mercer_tables(counts: NgramCounts, add_k: float = DEFAULT_ADD_K) -> NgramTables:
     """Tables of the interpolated (Jelinek–Mercer) estimator with a Lidstone unigram."""
     if not add_k > 0:
         raise ValueError(f"add_k must be > 0, got {add_k}")
     V = counts.vocab_size
     unigram = (counts.unigram.astype(np.float64) + add_k) / (counts.tokens + add_k * V)
+    _check_unigram(unigram, f"add_k={add_k:g}")
     bi = _table(counts.bi_keys, counts.bi_counts, V, None)
     tri = _table(counts.tri_keys, counts.tri_counts, V, None)
     return NgramTables("jelinek_mercer", V, unigram, bi, tri)
@@ -273,6 +288,8 @@ def kneser_ney_tables(
         unigram = np.maximum(cont1 - d1, 0.0) / total + d1 * seen / total / V
     else:  # no bigram at all (one-token documents): nothing to learn from
         unigram = np.full(V, 1.0 / V)
+    if d1 > 0:
+        _check_unigram(unigram, f"discount={discount:g}")
     return NgramTables("kneser_ney", V, unigram, bi, tri)
 
 

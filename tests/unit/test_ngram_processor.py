@@ -11,6 +11,7 @@ import torch
 from processors.base import ParamError, ProcessorEnv, StepContext
 from processors.ngram import MAX_LAMBDA, NgramPrior, NgramProcessor, NgramSpec
 from processors.stack import ProcessorStack, parse_stack
+from tests.unit.ngram_oracle import table_logp
 
 VP = 20  # the prior's vocabulary
 V = 24  # the model's (padded) vocabulary
@@ -38,7 +39,13 @@ def run(
 
 
 def host_logp(prior: NgramPrior, context: list[int], weights: tuple[float, ...] | None = None):
-    return torch.from_numpy(prior.logprobs([t for t in context if t >= 0], weights)).float()
+    """The estimator's float64 table lookup (tests/unit/ngram_oracle.py), as float32.
+
+    Independent of the device path (``style_logprobs``) that the processor runs.
+    """
+    ctx = [t for t in context if t >= 0]
+    w = weights if weights is not None else prior.default_weights
+    return torch.from_numpy(table_logp(prior.tables, ctx, w)).float()
 
 
 def test_raw_injection_equals_host_prior_per_context() -> None:
