@@ -18,6 +18,7 @@ so it belongs last (the validator warns otherwise).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,14 +91,20 @@ class MarginCalibration(Processor[MarginSpec]):
         acted = confident & (current < target)  # (B, 1)
         new_t = torch.where(acted, target, current)
         if ctx.want_stats:
-            nan = torch.full_like(current, float("nan"))
-            ctx.stats["margin_confident"] = torch.where(
-                self.rows, confident.float(), nan).view(-1)
-            ctx.stats["margin_acted"] = torch.where(self.rows, acted.float(), nan).view(-1)
             # A negative flip prevented: confident, and steering had moved the argmax away.
             flip = confident & (s_vals[:, :1] > current)
-            ctx.stats["margin_flip_prevented"] = torch.where(
-                self.rows, flip.float(), nan).view(-1)
+            rows = self.rows.view(-1)
+            for name, value in (
+                ("margin_confident", confident),
+                ("margin_acted", acted),
+                ("margin_flip_prevented", flip),
+            ):
+                # Merge per row: another stage's margin instance may own other rows of
+                # this batch (different stack depths), and its values must survive.
+                prev = ctx.stats.get(name)
+                if prev is None:
+                    prev = torch.full_like(rows, math.nan, dtype=torch.float32)
+                ctx.stats[name] = torch.where(rows, value.float().view(-1), prev)
         return logits.scatter(1, t, new_t)
 
 

@@ -51,19 +51,34 @@ def test_all_processors_in_one_request_and_warnings(srv):
 
 
 def test_mixed_stacks_in_one_sweep_equal_solo(srv):
-    # A sweep over the stack itself: every point is a different combination in one batch.
+    # A sweep over the stack itself: every point is a different combination in one batch,
+    # with margin at three different stack depths (so at three stages of one step).
     stacks = [
         [],
         [{"type": "logit_bias", "bias": {"70": 4}}],
         [{"type": "ngram", "prior": "tiny", "lambda": 0.8}],
         [{"type": "ngram", "prior": "tiny", "lambda": 0.8}, {"type": "margin", "tau": 0.05}],
+        [{"type": "logit_bias", "bias": {"70": 6}}, {"type": "logit_bias", "bias": {"71": 2}},
+         {"type": "margin", "tau": 0.05, "gamma": 0.5}],
     ]
     r = httpx.post(srv.url + "/v1/sweep", timeout=60, json={
-        "request": {"prompt": "the cat", "max_tokens": 8, "temperature": 0, "ignore_eos": True},
+        "request": {"prompt": "the cat", "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                    "diagnostics": True},
         "grid": {"steering": stacks}})
     assert r.status_code == 200, r.text
     for point, stack in zip(r.json()["results"], stacks, strict=True):
-        assert point["response"]["token_ids"] == gen(srv, steering=stack)["token_ids"]
+        solo = gen(srv, steering=stack, diagnostics=True)
+        assert point["response"]["token_ids"] == solo["token_ids"]
+        # Diagnostics per row too: a later margin stage must not erase an earlier one's.
+        got, want = point["response"]["diagnostics"], solo["diagnostics"]
+        assert sorted(got) == sorted(want)
+        if any(e["type"] == "margin" for e in stack):
+            assert "margin_flip_prevented_mean" in got
+        for key, value in want.items():
+            if isinstance(value, float):
+                assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+            else:
+                assert got[key] == value, key
 
 
 def test_openai_endpoints_carry_stack_warnings(srv):

@@ -34,16 +34,47 @@ def test_confident_row_is_guarded_unsure_row_untouched():
     assert ctx.stats["margin_confident"].tolist() == [1.0, 0.0]
 
 
-def test_only_the_guarded_token_changes_and_other_rows_are_bit_identical():
+def test_a_flip_is_restored_and_other_rows_are_bit_identical():
     torch.manual_seed(0)
-    base = torch.randn(3, 6) * 3
-    base[0, 2] = 20.0  # row 0 confident in token 2
-    steered = base + torch.randn(3, 6) * 10
+    base = torch.randn(3, 6)
+    base[0, 2] = 20.0  # row 0 confident in token 2 (p0 ≈ 1)
+    steered = base + torch.randn(3, 6)
+    steered[0, 4] = 30.0  # steering flipped row 0 to token 4
     out, ctx = run(base.tolist(), steered.tolist(), [MarginSpec(0.5, 0.5), None, None], True)
-    assert torch.equal(out[1:], torch.tensor(steered.tolist())[1:])
-    changed = (out[0] != torch.tensor(steered.tolist())[0]).nonzero().view(-1).tolist()
-    assert changed in ([], [2])
+    st = torch.tensor(steered.tolist())
+    assert torch.equal(out[1:], st[1:])
+    changed = (out[0] != st[0]).nonzero().view(-1).tolist()
+    assert changed == [2]  # only the guarded token moved ...
+    m0 = 20.0 - float(base[0, [0, 1, 3, 4, 5]].max())
+    assert float(out[0, 2]) == pytest.approx(30.0 + 0.5 * m0, abs=1e-5)  # ... to the target
+    assert int(out[0].argmax()) == 2
+    assert ctx.stats["margin_flip_prevented"][0] == 1.0
+    assert ctx.stats["margin_acted"][0] == 1.0
     assert math.isnan(ctx.stats["margin_acted"][1])
+
+
+def test_margin_does_not_act_when_steering_keeps_the_margin():
+    base = [[6.0, 2.0, 0, 0, 0, 0]]  # confident, m0 = 4
+    steered = [[9.0, 3.0, 2.0, 0, 0, 0]]  # still first, by 6 ≥ γ·m0
+    out, ctx = run(base, steered, [MarginSpec(0.5, 1.0)], True)
+    assert torch.equal(out, torch.tensor(steered))
+    assert ctx.stats["margin_acted"].tolist() == [0.0]
+    assert ctx.stats["margin_confident"].tolist() == [1.0]
+
+
+def test_two_margin_stages_merge_their_rows_stats():
+    """Regression (issue 15.4): a later stage used to overwrite the earlier one's rows
+    with NaN. Two instances own disjoint rows; both rows keep their own values."""
+    base = torch.tensor([[5.0, 1.0, 0, 0, 0, 0], [5.0, 1.0, 0, 0, 0, 0]])
+    steered = torch.tensor([[5.0, 7.0, 0, 0, 0, 0], [5.0, 7.0, 0, 0, 0, 0]])
+    ctx = StepContext(base_logits=base, last_tokens=torch.full((2, 2), -1), want_stats=True)
+    first, second = MarginCalibration(CPU, 6), MarginCalibration(CPU, 6)
+    first.update_state([MarginSpec(0.5, 1.0), None])
+    second.update_state([None, MarginSpec(0.99, 1.0)])  # row 1: p0 ≈ 0.95 < τ, not confident
+    second.apply(ctx, first.apply(ctx, steered))
+    assert ctx.stats["margin_acted"].tolist() == [1.0, 0.0]
+    assert ctx.stats["margin_confident"].tolist() == [1.0, 0.0]
+    assert ctx.stats["margin_flip_prevented"].tolist() == [1.0, 0.0]
 
 
 def test_gamma_zero_ties_and_gamma_one_restores_margin():
