@@ -115,6 +115,16 @@ class Processor(abc.ABC, Generic[SpecT]):
     def apply(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
         """Return steered logits ``(B, V)``; rows without a spec must be unchanged."""
 
+    @classmethod
+    def hard_mask(cls, spec: SpecT) -> Sequence[int]:
+        """Token ids this entry forbids outright (default: none).
+
+        Hard masks are not logits arithmetic: the engine applies them after every
+        processor of the stack and after the sampler's penalties, so no later stage
+        (``margin``, a repetition penalty) can undo them (``ProcessorStack.bans``).
+        """
+        return ()
+
     def configure(self, options: Mapping[str, Any]) -> None:  # noqa: B027 (optional hook)
         """Take server-wide options (from the settings) before ``update_state``.
 

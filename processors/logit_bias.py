@@ -1,8 +1,13 @@
 """Per-request additive logit bias with OpenAI semantics.
 
 ``{"type": "logit_bias", "bias": {"<token id>": value}}`` adds ``value`` (in
-``[-100, 100]``) to that token's logit: about ``-100`` bans a token, about ``+100``
-forces it. It is the simplest processor and exercises the whole framework.
+``[-100, 100]``) to that token's logit: about ``+100`` forces it. A value of exactly
+``-100`` is a *ban*, a hard constraint: besides adding −100 in stack order, the token
+is set to ``-inf`` after every processor of the stack and after the sampler's penalties
+(:meth:`LogitBias.hard_mask`, ``ProcessorStack.bans``), so a later ``margin`` entry
+cannot restore it. Other values (``+100`` included) are soft biases like any other
+processor's, which later stages may override. It is the simplest processor and
+exercises the whole framework.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from processors.base import (
 from processors.stack import register
 
 MAX_BIAS_ENTRIES = 1024
+BAN = -100.0  # a bias of exactly this value is a hard ban
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,14 @@ class LogitBias(Processor[LogitBiasSpec]):
                 )
             ids.append(token)
             values.append(check_number(value, f"bias.{key}", lo=-100.0, hi=100.0))
+        if sum(v <= BAN for v in values) >= env.vocab_size:
+            raise ParamError("bias", "'bias' bans every token of the vocabulary")
         return LogitBiasSpec(tuple(ids), tuple(values))
+
+    @classmethod
+    def hard_mask(cls, spec: LogitBiasSpec) -> tuple[int, ...]:
+        """The banned token ids: those with a bias of exactly −100."""
+        return tuple(t for t, v in zip(spec.token_ids, spec.values, strict=True) if v <= BAN)
 
     def update_state(self, specs: Sequence[LogitBiasSpec | None]) -> None:
         rows: list[int] = []

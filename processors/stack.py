@@ -151,6 +151,10 @@ class ProcessorStack:
         # Server-wide processor options (Processor.configure), e.g. fusion's memory budget.
         self.options: Mapping[str, Any] = dict(options or {})
         self.stages: list[list[Processor[Any]]] = []
+        # ``(rows (N,), token ids (N,))`` int64 banned tokens of the batch, or None.
+        # Not applied by ``apply`` (the steered logits stay finite for diagnostics and
+        # logprobs): the sampler sets them to -inf after its penalties, last of all.
+        self.bans: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update_state(self, rows: Sequence[Sequence[StackEntry]]) -> None:
         """Build the stages for a batch whose row ``b`` has the stack ``rows[b]``."""
@@ -172,6 +176,20 @@ class ProcessorStack:
                     stage.append(proc)
             stages.append(stage)
         self.stages = stages
+        # Hard masks of every entry (bans), applied by the sampler after its penalties.
+        ban_rows: list[int] = []
+        ban_ids: list[int] = []
+        for b, row in enumerate(rows):
+            for e in row:
+                ids = _REGISTRY[e.type].hard_mask(e.spec)
+                ban_rows.extend([b] * len(ids))
+                ban_ids.extend(ids)
+        self.bans = None
+        if ban_ids:
+            self.bans = (
+                torch.tensor(ban_rows, dtype=torch.long, device=self.device),
+                torch.tensor(ban_ids, dtype=torch.long, device=self.device),
+            )
 
     @property
     def active(self) -> bool:

@@ -132,6 +132,8 @@ def to_generation_request(
         top_k=max(0, req.top_k),
         min_p=float(req.min_p),
         repetition_penalty=float(req.repetition_penalty),
+        presence_penalty=float(req.presence_penalty),
+        frequency_penalty=float(req.frequency_penalty),
         seed=req.seed,
         stop=_stop_list(req, settings),
         stop_token_ids=stop_ids,

@@ -78,10 +78,14 @@ def _check_model(name: str, bundle: ModelBundle) -> None:
         )
 
 
+def _ignored_fields(body: CompletionRequest | ChatCompletionRequest) -> list[str]:
+    """The OpenAI fields we accept but do not implement (unknown extras), sorted."""
+    return sorted(body.model_extra or {})
+
+
 def _note_ignored(body: CompletionRequest | ChatCompletionRequest, endpoint: str) -> None:
     """Log the OpenAI fields we accept but do not implement (as vLLM does)."""
-    ignored = sorted(body.model_extra or {})
-    ignored += [k for k in ("presence_penalty", "frequency_penalty") if getattr(body, k)]
+    ignored = _ignored_fields(body)
     if ignored:
         log.info("%s: ignoring unsupported fields %s", endpoint, ", ".join(ignored))
 
@@ -100,6 +104,8 @@ def _common(
         "top_k": body.top_k,
         "min_p": body.min_p,
         "repetition_penalty": body.repetition_penalty,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
         "stop": body.stop,
         "stop_token_ids": body.stop_token_ids,
         "ignore_eos": body.ignore_eos,
@@ -208,12 +214,19 @@ def _plan(
         raise APIError(
             400, f"{total} choices exceed the request queue ({s.max_queue})", param="n"
         )
+    # Accepted but ignored fields are reported in the response's warnings, not only logged.
+    ignored = tuple(
+        f"{name}: accepted but ignored (not implemented by this server)"
+        for name in _ignored_fields(body)
+    )
     requests: list[GenerationRequest] = []
     for p, native in enumerate(natives):
         try:
             base = to_generation_request(native, bundle, s, env, request_id=base_id)
         except APIError as err:
             raise _remap_param(err, bool(body.logit_bias)) from None
+        if ignored:
+            base = replace(base, warnings=base.warnings + ignored)
         for i in range(body.n):
             seed = None if body.seed is None else (body.seed + i) % _SEED_MOD
             sampling = replace(base.sampling, seed=seed, logprobs=logprobs)

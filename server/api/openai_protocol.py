@@ -47,8 +47,12 @@ class _OpenAIRequest(BaseModel):
     logit_bias: dict[str, StrictFloat] | None = Field(
         None, description="token id → bias in [-100, 100]; runs first in the steering stack."
     )
-    presence_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0, description="Ignored.")
-    frequency_penalty: StrictFloat = Field(0.0, ge=-2.0, le=2.0, description="Ignored.")
+    presence_penalty: StrictFloat = Field(
+        0.0, ge=-2.0, le=2.0, description="Subtracted from tokens already in the output."
+    )
+    frequency_penalty: StrictFloat = Field(
+        0.0, ge=-2.0, le=2.0, description="Times the token's count in the output, subtracted."
+    )
     user: StrictStr | None = Field(None, description="Ignored.")
     # steerserve extras (send them with the openai client's extra_body).
     steering: list[SteeringEntry] = Field(default_factory=list)

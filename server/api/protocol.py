@@ -48,6 +48,15 @@ class GenerateRequest(BaseModel):
     top_k: StrictInt = Field(0, ge=-1, description="0 or -1 = disabled.")
     min_p: StrictFloat = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: StrictFloat = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: StrictFloat = Field(
+        0.0, ge=-2.0, le=2.0,
+        description="OpenAI semantics: subtract this from the logit of every token already "
+        "in the output.",
+    )
+    frequency_penalty: StrictFloat = Field(
+        0.0, ge=-2.0, le=2.0,
+        description="OpenAI semantics: subtract this times the token's count in the output.",
+    )
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
     stop: Annotated[str, Strict()] | list[Annotated[str, Strict()]] | None = None
     stop_token_ids: list[StrictInt] | None = None

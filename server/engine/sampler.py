@@ -1,9 +1,25 @@
-"""Per-row sampling: penalties, EOS control, temperature, top-k, top-p, min-p, seeds.
+"""Per-row sampling: penalties, EOS control, hard bans, temperature, truncation, seeds.
 
 All per-row settings are ``(B, 1)`` tensors rebuilt only when the batch composition
-changes (``update_state``); ``sample`` is tensor code with no host sync. Order, as in
-``transformers``: repetition penalty → EOS masking (``min_tokens``/``ignore_eos``) →
+changes (``update_state``); ``sample`` is tensor code with no host sync. Order:
+repetition penalty (prompt + output tokens, as in ``transformers``) → presence and
+frequency penalties (OpenAI semantics, output tokens only:
+``logit[j] −= frequency·count[j] + presence·[count[j] > 0]``) → EOS masking
+(``min_tokens``/``ignore_eos``) → hard bans (``logit_bias`` of −100, see below) →
 greedy rows take the argmax → temperature → top-k → top-p → min-p → exponential race.
+
+What wins. The processor stack (steering, ``margin`` included) shapes the *steered*
+distribution — what diagnostics and logprobs report. The sampler then applies the
+request's decoding choices on top, so the penalties and EOS blocking can still move
+a token that ``margin`` put first: margin guards against *steering*, not against the
+decoding settings the user asked for. Hard bans come last of all (after every
+processor and every penalty; −inf survives temperature and truncation), so nothing can
+undo them.
+
+Temperature. A temperature below :data:`GREEDY_TEMPERATURE` (``1e-6``) is decoded
+greedily: ``logits / T`` would overflow float32 for tiny ``T`` (``1e-38`` gave NaN
+probabilities and token 0), and at such a ``T`` sampling *is* the argmax unless two
+logits are within ``1e-6·|gap|`` of each other.
 
 Reproducibility: every sampled row owns a ``torch.Generator`` seeded from its request's
 seed, and draws exactly ``V`` exponentials per step from it. A row's draws therefore
@@ -19,7 +35,14 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.types import SamplingParams
+from server.engine.types import GREEDY_TEMPERATURE, SamplingParams
+
+__all__ = ["GREEDY_TEMPERATURE", "Sampler", "SamplerRow", "is_greedy", "make_generator"]
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    """Whether a row decodes by argmax: temperature 0, or below :data:`GREEDY_TEMPERATURE`."""
+    return params.greedy
 
 
 @dataclass
@@ -29,6 +52,9 @@ class SamplerRow:
     params: SamplingParams
     generator: torch.Generator | None  # None for greedy rows
     generated: int  # tokens generated so far
+    # (V,) float32 counts of this row's output tokens, kept by the sampler while the row
+    # has a presence/frequency penalty (saved here when the batch composition changes).
+    counts: torch.Tensor | None = None
 
 
 class Sampler:
@@ -39,22 +65,34 @@ class Sampler:
         self.vocab_size = vocab_size
         self.eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
         self.rows: list[SamplerRow] = []
+        self._counts: torch.Tensor | None = None  # (B, V) output-token counts
 
     def update_state(self, rows: Sequence[SamplerRow]) -> None:
         """Rebuild the per-row tensors; called when rows join or leave."""
+        if self._counts is not None:  # hand each old row its counts before regrouping
+            for b, old in enumerate(self.rows):
+                old.counts = self._counts[b].clone()
         self.rows = list(rows)
         dev = self.device
         params = [r.params for r in rows]
+        greedy = [is_greedy(p) for p in params]
 
-        def col(values: list[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        def col(values: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=dev).view(-1, 1)
 
-        self.greedy = col([p.greedy for p in params], torch.bool)  # (B,1)
-        self.all_greedy = all(p.greedy for p in params)
-        self.any_greedy = any(p.greedy for p in params)
-        self.temperature = col([p.temperature if not p.greedy else 1.0 for p in params])
-        self.any_temp = any(p.temperature not in (0.0, 1.0) for p in params)
-        sampled = [p for p in params if not p.greedy]
+        self.greedy = col(greedy, torch.bool)  # (B,1)
+        self.all_greedy = all(greedy)
+        self.any_greedy = any(greedy)
+        pairs = list(zip(params, greedy, strict=True))
+        self.temperature = col([1.0 if g else p.temperature for p, g in pairs])
+        self.any_temp = any(not g and p.temperature != 1.0 for p, g in pairs)
+        # Rows that draw noise: sampled rows with a generator (greedy rows draw nothing).
+        self._draws = [
+            (b, r.generator)
+            for b, (r, g) in enumerate(zip(rows, greedy, strict=True))
+            if not g and r.generator is not None
+        ]
+        sampled = [p for p, g in zip(params, greedy, strict=True) if not g]
         self.top_k_max = max((p.top_k for p in sampled if p.top_k > 0), default=0)
         self.top_k_max = min(self.top_k_max, self.vocab_size)
         self.top_k = col(
@@ -67,6 +105,16 @@ class Sampler:
         self.min_p = col([p.min_p for p in params])
         self.any_rep = any(p.repetition_penalty != 1.0 for p in params)
         self.rep = col([p.repetition_penalty for p in params])
+        self.any_pen = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
+        self._counts = None
+        if self.any_pen:
+            self.presence = col([p.presence_penalty for p in params])  # (B,1)
+            self.frequency = col([p.frequency_penalty for p in params])  # (B,1)
+            zeros = torch.zeros(self.vocab_size, dtype=torch.float32, device=dev)
+            self._counts = torch.stack(
+                [r.counts if r.counts is not None else zeros for r in rows]
+            ) if rows else None  # (B, V)
+        self._bans: tuple[torch.Tensor, torch.Tensor] | None = None
         self.any_eos_block = self.eos_ids.numel() > 0 and any(
             p.ignore_eos or p.min_tokens > 0 for p in params
         )
@@ -87,23 +135,51 @@ class Sampler:
             self._eos_key, self._eos_mask = key, rows & self._eos_cols
         return self._eos_mask
 
-    def sample(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+    def sample(
+        self,
+        logits: torch.Tensor,
+        seen: torch.Tensor | None,
+        bans: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Pick one token per row.
 
         Args:
             logits: ``(B, V)`` float32 steered logits (not modified).
             seen: ``(B, V)`` bool, tokens present in the row's prompt or output; needed
                 only when some row has a repetition penalty.
+            bans: ``(rows (N,), token ids (N,))`` int64, tokens that may not be emitted
+                (``ProcessorStack.bans``); set to ``-inf`` after every penalty.
 
         Returns:
             ``(B,)`` int64 token ids.
         """
+        tokens = self._pick(logits, seen, bans)
+        if self._counts is not None:
+            self._counts.scatter_add_(
+                1, tokens.view(-1, 1), torch.ones_like(tokens, dtype=torch.float32).view(-1, 1)
+            )
+        return tokens
+
+    def _pick(
+        self,
+        logits: torch.Tensor,
+        seen: torch.Tensor | None,
+        bans: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
         B, V = logits.shape
         if self.any_rep and seen is not None:
             penalized = torch.where(logits > 0, logits / self.rep, logits * self.rep)
             logits = torch.where(seen, penalized, logits)
+        if self._counts is not None:
+            logits = (
+                logits
+                - self.frequency * self._counts
+                - self.presence * (self._counts > 0).to(logits.dtype)
+            )
         if self.any_eos_block:
             logits = logits.masked_fill(self._eos_block_mask(), float("-inf"))
+        if bans is not None and bans[0].numel():
+            logits = logits.index_put(bans, torch.tensor(float("-inf"), device=logits.device))
         greedy_tokens = logits.argmax(dim=-1)
         if self.all_greedy:
             return greedy_tokens
@@ -128,9 +204,8 @@ class Sampler:
             probs = probs.masked_fill(probs < floor, 0.0)
         # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) samples i with prob ∝ p_i.
         noise = torch.ones_like(probs)
-        for b, row in enumerate(self.rows):
-            if row.generator is not None:
-                noise[b].exponential_(generator=row.generator)
+        for b, gen in self._draws:
+            noise[b].exponential_(generator=gen)
         sampled = (probs / noise).argmax(dim=-1)
         if self.any_greedy:
             return torch.where(self.greedy.view(-1), greedy_tokens, sampled)

@@ -359,7 +359,8 @@ class Engine:
             keys = [id(r.handle) for r in self.rows]
             ctx.extras["aux_logits"] = self.aux.logits(keys, len(self.rows))
         steered = self.stack.apply(ctx, fwd) if self.stack.active else fwd
-        tokens = self.sampler.sample(steered, self.batch.seen)  # (B,)
+        # Hard bans (logit_bias -100) go last, after the sampler's penalties.
+        tokens = self.sampler.sample(steered, self.batch.seen, self.stack.bans)  # (B,)
         names: list[str] = []
         # Logprobs only when some row asks: log_softmax of the steered logits, the
         # emitted token's value and the top-k, shipped in the same host transfer.

@@ -12,6 +12,10 @@ from typing import Any, Literal
 
 from processors.stack import StackEntry
 
+# Temperatures below this decode greedily: logits / T overflows float32 for tiny T, and
+# at such a T sampling is the argmax anyway (server.engine.sampler).
+GREEDY_TEMPERATURE = 1e-6
+
 FinishReason = Literal["stop", "length", "abort", "timeout", "error"]
 DiagnosticsMode = Literal["off", "summary", "steps"]
 
@@ -26,6 +30,9 @@ class SamplingParams:
     top_k: int = 0  # 0 = disabled
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    # OpenAI semantics over the row's output tokens (server.engine.sampler).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -36,8 +43,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Temperature 0 means argmax decoding."""
-        return self.temperature == 0.0
+        """Argmax decoding: temperature 0, or below the sampler's ``GREEDY_TEMPERATURE``
+        (1e-6), where ``logits / T`` would overflow."""
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 @dataclass(frozen=True)

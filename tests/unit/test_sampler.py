@@ -74,3 +74,71 @@ def test_repetition_penalty_and_eos_blocking():
     assert s.sample(logits, None).item() == 1
     s.rows[0].generated = 1
     assert s.sample(logits, None).item() == 0
+
+
+# ------------------------------------------------------------- numerics (issue 15)
+def test_tiny_temperature_is_greedy():
+    """Regression (15.3): temperature=1e-38 used to give NaN probabilities and token 0."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0, 0, 0, 0, 0]])
+    for t in (1e-38, 1e-45, 1e-7):
+        s = sampler_for(SamplingParams(temperature=t, seed=3))
+        assert s.sample(logits, None).tolist() == [1]
+    # Just above the epsilon it still samples (but only ever the argmax at this gap).
+    s = sampler_for(SamplingParams(temperature=2e-6, seed=3))
+    assert s.sample(logits, None).tolist() == [1]
+    assert not s.greedy.any()
+
+
+def _penalized(logits, outputs, presence, frequency):
+    """OpenAI's formula with Python loops: logit[j] -= c[j]·frequency + [c[j] > 0]·presence."""
+    out = logits.clone()
+    for b, toks in enumerate(outputs):
+        for j in range(logits.shape[1]):
+            c = toks.count(j)
+            out[b, j] -= c * frequency[b] + (1.0 if c > 0 else 0.0) * presence[b]
+    return out
+
+
+def test_presence_and_frequency_penalties_follow_openai_semantics():
+    torch.manual_seed(0)
+    pres, freq = [0.7, 0.0, -1.5], [0.3, 1.2, 0.0]
+    params = [SamplingParams(temperature=0, presence_penalty=p, frequency_penalty=f)
+              for p, f in zip(pres, freq, strict=True)]
+    s = sampler_for(*params)
+    outputs: list[list[int]] = [[], [], []]
+    for _ in range(6):
+        logits = torch.randn(3, 8)
+        want = _penalized(logits, outputs, pres, freq).argmax(-1).tolist()
+        got = s.sample(logits, None).tolist()
+        assert got == want
+        for b, t in enumerate(got):
+            outputs[b].append(t)
+
+
+def test_penalty_counts_survive_batch_composition_changes():
+    torch.manual_seed(1)
+    p_pen = SamplingParams(temperature=0, frequency_penalty=1.0)
+    rows = [SamplerRow(SamplingParams(temperature=0), None, 0), SamplerRow(p_pen, None, 0)]
+    s = Sampler(CPU, 8, (0,))
+    s.update_state(rows)
+    history: list[int] = []
+    for step in range(8):
+        if step == 3:  # row 0 leaves, a new row joins in front
+            rows = [SamplerRow(SamplingParams(temperature=0), None, 0), rows[1]]
+            s.update_state(rows)
+        logits = torch.randn(2, 8)
+        want = _penalized(logits[1:], [history], [0.0], [1.0]).argmax(-1).item()
+        got = s.sample(logits, None).tolist()
+        assert got[1] == want
+        history.append(got[1])
+
+
+def test_bans_apply_after_every_penalty():
+    logits = torch.tensor([[0.0, 1.0, 9.0, 2.0, 0, 0, 0, 0]])
+    bans = (torch.tensor([0]), torch.tensor([2]))
+    # Negative presence penalty (a boost) on token 2 cannot bring it back either.
+    s = sampler_for(SamplingParams(temperature=0, presence_penalty=-2.0))
+    s._counts[0, 2] = 1.0
+    assert s.sample(logits, None, bans).tolist() == [3]
+    s = sampler_for(SamplingParams(temperature=0.8, seed=5))
+    assert all(s.sample(logits, None, bans).item() != 2 for _ in range(50))
