@@ -1,4 +1,4 @@
-"""Logit fusion: the grid search against a float64 brute force, validation, and the
+"""Logit fusion: the grid search against an independent float64 oracle, validation, and the
 auxiliary models inside the engine (static α = 0 / α = 1 by hand, mixed batches, no aux
 forward without fusion, cache release, vocabulary check)."""
 
@@ -15,8 +15,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from processors.base import ParamError, ProcessorEnv, StepContext
-from processors.fusion import LogitFusion
-from processors.stack import parse_stack
+from processors.fusion import LogitFusion, dynamic_fusion
+from processors.stack import ProcessorStack, parse_stack
 from server.auxiliary import AuxBundle, AuxModelError, check_aux
 from server.engine import Engine, FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from server.loading import ModelBundle
@@ -44,10 +44,27 @@ def _logsoftmax64(x: list[float]) -> list[float]:
     return [v - lse for v in x]
 
 
+def documented_grid(lo: float, hi: float, step: float) -> list[float]:
+    """docs/fusion.md: α runs from ``min`` to ``max`` in steps of ``step`` (both ends in)."""
+    out, k = [], 0
+    while lo + k * step <= hi + 1e-9 * step:
+        out.append(lo + k * step)
+        k += 1
+    return out
+
+
 def brute_force(
     strong: list[float], small: list[float], experts: list[list[float]], grid: list[float]
 ) -> tuple[int, float, float, list[float]]:
-    """(t*, α*, J*, fused) by loops in float64: experts one at a time, others at 0."""
+    """(t*, α*, J*, fused) from the documented objective, by plain float64 loops.
+
+    For each expert t (the others at α = 0) and each grid α: build the candidate
+    ``M_L + α(M_t − M_S)``, normalize it with a full softmax, and evaluate
+    ``J = (KL(P̃‖P) − KL(Q_t‖Q))² + (KL(P‖P̃) − KL(Q‖Q_t))²`` with every KL summed term by
+    term over the vocabulary. It shares nothing with the implementation, which avoids
+    the (B, T·G, V) log-softmax through the identity KL(P‖P̃) = lse − α·E_P[d]; this
+    oracle does not use it. Ties go to the first (t, α) in loop order, as documented.
+    """
     ml, ms = _logsoftmax64(strong), _logsoftmax64(small)
     p, q = _softmax64(ml), _softmax64(ms)
     best: tuple[float, int, float, list[float]] | None = None
@@ -78,7 +95,7 @@ def _run_processor(
 
 def test_grid_search_matches_float64_brute_force() -> None:
     gen = torch.Generator().manual_seed(0)
-    B, V = 7, 16
+    B, V = 9, 16
     strong = torch.randn(B, V, generator=gen) * 2
     aux = {n: torch.randn(B, V, generator=gen) * 2 for n in ROLES}
     entries = [
@@ -89,6 +106,8 @@ def test_grid_search_matches_float64_brute_force() -> None:
         {"experts": ["e2", "e1"], "base": "small2", "grid": {"max": 1.0, "step": 0.5}},
         {"experts": ["e1"], "base": "small", "mode": "static", "alpha": [0.7]},
         {"experts": ["e1", "e2"], "base": "small", "grid": {"max": 0.0, "step": 0.1}},
+        {"experts": ["e1", "e2"], "base": "small", "grid": {"min": -1.5, "max": 0.5, "step": 0.25}},
+        {"experts": ["e2"], "base": "small2", "grid": {"min": -2.0, "max": -0.5, "step": 0.5}},
     ]
     specs = [None if e is None else LogitFusion.validate(e, ENV) for e in entries]
     out, stats = _run_processor(specs, strong, aux)
@@ -105,7 +124,8 @@ def test_grid_search_matches_float64_brute_force() -> None:
             continue
         t, a, j, fused = brute_force(
             strong[b].double().tolist(), aux[spec.base][b].double().tolist(),
-            [aux[e][b].double().tolist() for e in spec.experts], spec.grid(),
+            [aux[e][b].double().tolist() for e in spec.experts],
+            documented_grid(spec.grid_min, spec.grid_max, spec.grid_step),
         )
         assert int(stats["fusion_expert"][b]) == t, f"row {b}"
         assert float(stats["fusion_alpha"][b]) == pytest.approx(a, abs=1e-6)
@@ -125,13 +145,42 @@ def test_grid_search_random_cases_against_brute_force() -> None:
     _, stats = _run_processor([spec] * B, strong, aux)
     for b in range(B):
         t, a, j, _ = brute_force(strong[b].tolist(), aux["small"][b].tolist(),
-                                 [aux["e1"][b].tolist(), aux["e2"][b].tolist()], spec.grid())
+                                 [aux["e1"][b].tolist(), aux["e2"][b].tolist()],
+                                 documented_grid(0.0, 2.0, 0.1))
         got_t, got_a = int(stats["fusion_expert"][b]), float(stats["fusion_alpha"][b])
         if (got_t, round(got_a, 6)) != (t, round(a, 6)):
             # recompute the objective of the chosen candidate in float64
             _, _, j_got, _ = brute_force(strong[b].tolist(), aux["small"][b].tolist(),
                                          [[aux["e1"], aux["e2"]][got_t][b].tolist()], [got_a])
             assert j_got - j < 1e-5, f"row {b}: chose ({got_t}, {got_a}), best ({t}, {a})"
+
+
+def test_chunked_grid_search_gives_the_same_results() -> None:
+    """Issue 15.6: a memory budget of one grid point per chunk, or of a few, gives the
+    choices and fused logits of the one-chunk evaluation (each candidate's numbers are
+    computed the same way in any chunking)."""
+    gen = torch.Generator().manual_seed(3)
+    B, V, T, G = 5, 32, 2, 21
+    m_strong = torch.log_softmax(torch.randn(B, V, generator=gen) * 2, -1)
+    m_small = torch.log_softmax(torch.randn(B, V, generator=gen) * 2, -1)
+    m_exp = torch.log_softmax(torch.randn(B, T, V, generator=gen) * 2, -1)
+    grid = torch.linspace(-1.0, 1.0, G).view(1, 1, G).repeat(B, 1, 1)
+    valid = torch.ones(B, T, G, dtype=torch.bool)
+    valid[0, 1] = False
+    whole = dynamic_fusion(m_strong, m_small, m_exp, grid, valid, memory_budget=2**40)
+    for budget in (1, 4 * B * T * V * 3, 4 * B * T * V * 7):
+        part = dynamic_fusion(m_strong, m_small, m_exp, grid, valid, memory_budget=budget)
+        torch.testing.assert_close(part[0], whole[0], rtol=0, atol=1e-6)
+        assert torch.equal(part[1][0], whole[1][0]) and torch.equal(part[1][1], whole[1][1])
+        torch.testing.assert_close(part[1][2], whole[1][2], rtol=1e-5, atol=1e-7)
+
+
+def test_memory_budget_reaches_the_processor_through_the_stack() -> None:
+    stack = ProcessorStack(torch.device("cpu"), 16, options={"fusion_memory_budget": 123})
+    stack.update_state([parse_stack([{"type": "fusion", "experts": ["e1"], "base": "small"}],
+                                    ENV, max_len=4)])
+    (proc,) = stack.processors()
+    assert isinstance(proc, LogitFusion) and proc.memory_budget == 123
 
 
 @pytest.mark.parametrize(
