@@ -113,7 +113,6 @@ def test_kill9_during_writes_never_leaves_half_an_artifact(prior_template: Path,
     rng = random.Random(1234)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     interrupted = whole = 0
-    t0 = time.monotonic()
     for trial in range(HARNESS_TRIALS):
         proc = subprocess.Popen(
             [sys.executable, "-c", WRITER, str(root), str(prior_template), f"t{trial}"],
@@ -147,7 +146,6 @@ def test_kill9_during_writes_never_leaves_half_an_artifact(prior_template: Path,
     # Most kills land inside a write (the writer does nothing else); if none did the test
     # would prove nothing.
     assert interrupted >= HARNESS_TRIALS // 5, (interrupted, HARNESS_TRIALS)
-    assert time.monotonic() - t0 < 120
 
 
 # ----------------------------------------------------------- kill -9: the real server

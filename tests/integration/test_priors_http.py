@@ -235,7 +235,8 @@ def test_full_kjv_prior_with_smollm2(tmp_path: Path) -> None:
         assert r.status_code == 201, r.text
         card = r.json()
         assert card["counts"]["tokens"] > 900_000 and card["vocab_size"] == 49152
-        assert card["build_seconds"] < 120  # generous: seconds on a quiet machine
+        # Timing is a benchmark's business (benchmarks/), not an assertion: only its shape.
+        assert isinstance(card["build_seconds"], float) and card["build_seconds"] >= 0
         body = {
             "prompt": "The weather today",
             "max_tokens": 24,
