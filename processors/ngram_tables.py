@@ -59,6 +59,9 @@ log = logging.getLogger("steerserve.priors")
 ESTIMATORS: tuple[str, ...] = ("jelinek_mercer", "kneser_ney")
 DEFAULT_WEIGHTS: tuple[float, float, float] = (0.1, 0.3, 0.6)
 DEFAULT_ADD_K = 0.01
+# Smallest add-k the HTTP API accepts: an unseen token's (0 + k) / (N + k·V) then stays
+# positive in float64 for any corpus below ~1e23 tokens (float64's smallest value ≈ 5e-324).
+MIN_ADD_K = 1e-300
 DEFAULT_DISCOUNT = 0.75
 
 ProgressFn = Callable[[str], None]

@@ -19,9 +19,15 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, Strict
 from starlette.concurrency import run_in_threadpool
 
-from processors.base import ParamError
+from processors.base import ParamError, check_number
 from processors.ngram import NgramPrior, check_weights
-from processors.ngram_tables import DEFAULT_ADD_K, DEFAULT_DISCOUNT, DEFAULT_WEIGHTS, ESTIMATORS
+from processors.ngram_tables import (
+    DEFAULT_ADD_K,
+    DEFAULT_DISCOUNT,
+    DEFAULT_WEIGHTS,
+    ESTIMATORS,
+    MIN_ADD_K,
+)
 from server.api.errors import APIError, artifact_or_404, error_responses
 from server.api.state import ServerState, StateDep
 from server.artifacts import (
@@ -150,21 +156,21 @@ def _check_body(body: PriorCreate) -> dict[str, Any]:
             params["weights"] = (
                 DEFAULT_WEIGHTS if body.weights is None else check_weights(body.weights)
             )
+            # Below MIN_ADD_K an unseen token's probability could underflow float64.
+            add_k = DEFAULT_ADD_K if body.add_k is None else body.add_k
+            params["add_k"] = check_number(add_k, "add_k", lo=MIN_ADD_K, hi=100.0)
         except ParamError as err:
             raise APIError.from_param_error(err) from None
-        add_k = DEFAULT_ADD_K if body.add_k is None else body.add_k
-        if not 0 < add_k <= 100:
-            raise _bad("add_k", f"'add_k' must be in (0, 100], got {add_k:g}")
-        params["add_k"] = add_k
     else:
         if body.weights is not None:
             raise _bad("weights", "'weights' apply to the jelinek_mercer estimator only")
         if body.add_k is not None:
             raise _bad("add_k", "'add_k' applies to the jelinek_mercer estimator only")
         discount = DEFAULT_DISCOUNT if body.discount is None else body.discount
-        if not 0 < discount <= 1:
-            raise _bad("discount", f"'discount' must be in (0, 1], got {discount:g}")
-        params["discount"] = discount
+        try:
+            params["discount"] = check_number(discount, "discount", lo=0.0, lo_open=True, hi=1.0)
+        except ParamError as err:
+            raise APIError.from_param_error(err) from None
     return params
 
 

@@ -152,7 +152,8 @@ def test_generate_errors_name_the_parameter(api: TestClient) -> None:
         ({"name": "e", "text": "x", "weights": [1, 1]}, 400, "weights", "list of 3"),
         ({"name": "e", "text": "x", "weights": [0, 1, 1]}, 400, "weights.0", "unigram"),
         ({"name": "e", "text": "x", "weights": ["a", 1, 1]}, 400, "weights.0", "invalid"),
-        ({"name": "e", "text": "x", "add_k": 0}, 400, "add_k", "(0, 100]"),
+        ({"name": "e", "text": "x", "add_k": 0}, 400, "add_k", "[1e-300, 100]"),
+        ({"name": "e", "text": "x", "add_k": 1e-320}, 400, "add_k", "[1e-300, 100]"),
         ({"name": "e", "text": "x", "discount": 0.5}, 400, "discount", "kneser_ney"),
         (
             {"name": "e", "text": "x", "estimator": "kneser_ney", "discount": 1.5},
