@@ -114,7 +114,7 @@ def _validate_native(fields: dict[str, Any]) -> GenerateRequest:
     try:
         return GenerateRequest.model_validate(fields)
     except ValidationError as exc:
-        raise validation_error(exc) from None  # type: ignore[arg-type]
+        raise validation_error(exc) from None
 
 
 def _chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
@@ -397,7 +397,7 @@ async def _collect(
         if st.finish.diagnostics is not None:
             choice["diagnostics"] = st.finish.diagnostics
         choices.append(choice)
-    out = {
+    out: dict[str, Any] = {
         "id": call_id,
         "object": "text_completion" if kind == "completion" else "chat.completion",
         "created": created,

@@ -128,10 +128,13 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+HealthStatus = Literal["ok", "loading", "error", "draining"]
+
+
 class Health(BaseModel):
     """``GET /health``."""
 
-    status: Literal["ok", "loading", "error", "draining"]
+    status: HealthStatus
     model: str | None = None
     detail: str | None = None
     running: int = 0

@@ -18,8 +18,10 @@ from server.api.protocol import (
     GenerateRequest,
     GenerateResponse,
     Health,
+    HealthStatus,
     ModelCard,
     ModelList,
+    StreamEvent,
     Usage,
 )
 from server.api.state import EventStream, StateDep, submit
@@ -129,34 +131,40 @@ async def collect(
 async def _stream_frames(
     stream: EventStream, request_id: str, model: str, warnings: tuple[str, ...] = ()
 ) -> AsyncIterator[bytes]:
-    """SSE frames for one request; cancels the engine row if the client disconnects."""
+    """SSE frames (each a :class:`StreamEvent`) for one request; cancels the engine row
+    if the client disconnects."""
     try:
         async for ev in stream.events():
             if isinstance(ev, TokenEvent):
-                frame = {"id": request_id, "model": model, "text": ev.text,
-                         "token_ids": list(ev.token_ids), "finish_reason": None}
-                if ev.logprobs is not None:
-                    frame["logprobs"] = logprob_entries(ev)
-                yield sse(frame)
+                yield stream_frame(StreamEvent(
+                    id=request_id, model=model, text=ev.text, token_ids=list(ev.token_ids),
+                    logprobs=None if ev.logprobs is None else logprob_entries(ev),
+                ))
             elif isinstance(ev, FinishEvent):
-                usage = {
-                    "prompt_tokens": ev.prompt_tokens,
-                    "completion_tokens": ev.completion_tokens,
-                    "total_tokens": ev.prompt_tokens + ev.completion_tokens,
-                }
-                frame = {"id": request_id, "model": model, "text": ev.text, "token_ids": [],
-                         "finish_reason": ev.finish_reason, "usage": usage}
-                if ev.diagnostics is not None:
-                    frame["diagnostics"] = ev.diagnostics
-                if warnings:
-                    frame["warnings"] = list(warnings)
-                yield sse(frame)
+                yield stream_frame(StreamEvent(
+                    id=request_id, model=model, text=ev.text, token_ids=[],
+                    finish_reason=ev.finish_reason,
+                    usage=Usage(
+                        prompt_tokens=ev.prompt_tokens,
+                        completion_tokens=ev.completion_tokens,
+                        total_tokens=ev.prompt_tokens + ev.completion_tokens,
+                    ),
+                    diagnostics=ev.diagnostics,
+                    warnings=list(warnings) or None,
+                ))
             else:
                 assert isinstance(ev, ErrorEvent)
                 yield sse(error_payload(ev))
         yield sse("[DONE]")
     finally:
         stream.cancel()
+
+
+def stream_frame(event: StreamEvent) -> bytes:
+    """One ``StreamEvent`` as an SSE frame: ``finish_reason`` is always present (``null``
+    until the last frame); the optional extras only when set."""
+    extras = ("usage", "diagnostics", "logprobs", "warnings")
+    return sse(event.model_dump(exclude={k for k in extras if getattr(event, k) is None}))
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(503))
@@ -193,12 +201,14 @@ async def list_models(state: StateDep) -> ModelList:
 async def health(state: StateDep) -> JSONResponse:
     """200 when the engine is ready; 503 while loading, draining or after a failure."""
     engine = state.engine
+    status: HealthStatus
+    detail: str | None
     if state.status == "ok" and engine is not None and not engine.alive:
         status, detail = "error", engine.dead or "the engine stopped"
     else:
         status, detail = state.status, state.detail
     body = Health(
-        status=status,  # type: ignore[arg-type]
+        status=status,
         model=state.bundle.name if state.bundle else None,
         detail=detail,
         running=engine.running if engine else 0,

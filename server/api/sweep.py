@@ -99,7 +99,7 @@ def expand(sweep: SweepRequest, limit: int) -> list[tuple[dict[str, Any], Genera
         try:
             req = GenerateRequest.model_validate(body)
         except ValidationError as exc:
-            err = validation_error(exc)  # type: ignore[arg-type]
+            err = validation_error(exc)
             raise APIError(400, err.message, param=f"request.{err.param}") from None
         points.append((params, req))
     return points
