@@ -10,13 +10,11 @@ frozen types happens once, in ``server.api.openai_compat``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.protocol import SteeringEntry, StrictBool, StrictFloat, StrictInt
-
-StrictStr = Annotated[str, Strict()]
+from server.api.protocol import SteeringEntry, StrictBool, StrictFloat, StrictInt, StrictStr
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 5 / 20, vLLM 20)
 
