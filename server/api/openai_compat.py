@@ -18,7 +18,6 @@ error after the stream began is sent in-band as ``data: {"error": ...}`` before 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -33,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from processors.base import ProcessorEnv
 from server.api.convert import to_generation_request
+from server.api.disconnect import cancel_on_disconnect
 from server.api.errors import APIError, validation_error
 from server.api.openai_protocol import (
     ChatCompletionRequest,
@@ -482,13 +482,6 @@ async def _stream(
         streams.cancel()
 
 
-async def _watch_disconnect(request: Request, streams: ChoiceStreams) -> None:
-    """Cancel every choice when the HTTP client goes away (non-streaming)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    streams.cancel()
-
-
 async def _serve(
     kind: Kind, body: CompletionRequest | ChatCompletionRequest, request: Request,
     state: ServerState,
@@ -509,14 +502,8 @@ async def _serve(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    watcher = asyncio.create_task(_watch_disconnect(request, streams))
-    try:
+    async with cancel_on_disconnect(request, streams.cancel):
         result = await _collect(kind, plan, streams, call_id, created, bundle.name, strings)
-    finally:
-        streams.cancel()
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
     return JSONResponse(result)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.api.convert import to_generation_request
+from server.api.disconnect import cancel_on_disconnect
 from server.api.errors import APIError, error_responses
 from server.api.protocol import (
     GenerateRequest,
@@ -52,15 +51,6 @@ def error_payload(ev: ErrorEvent) -> dict[str, Any]:
     return APIError(ev.code, ev.message, type=ev.type).body()
 
 
-async def watch_disconnect(request: Request, stream: EventStream) -> None:
-    """Cancel the engine request when the HTTP client goes away (non-streaming)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            stream.cancel()
-            return
-
-
 @router.post(
     "/v1/generate",
     response_model=GenerateResponse,
@@ -80,14 +70,8 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep) -> 
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    watcher = asyncio.create_task(watch_disconnect(request, stream))
-    try:
+    async with cancel_on_disconnect(request, stream.cancel):
         response = await collect(stream, req.request_id, model, req.warnings)
-    finally:
-        stream.cancel()
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
     return JSONResponse(response.model_dump(exclude_none=True))
 
 
