@@ -10,13 +10,11 @@ frozen types happens once, in ``server.api.openai_compat``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.protocol import SteeringEntry, StrictBool, StrictFloat, StrictInt
-
-StrictStr = Annotated[str, Strict()]
+from server.api.protocol import SteeringEntry, StrictBool, StrictFloat, StrictInt, StrictStr
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 5 / 20, vLLM 20)
 
@@ -111,8 +109,9 @@ class ChatCompletionRequest(_OpenAIRequest):
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
-# Responses are plain dicts built in openai_compat (their shapes are OpenAI's); these
-# models document them in the OpenAPI schema.
+# Non-streaming responses are built from these models (their shapes are OpenAI's, plus
+# steerserve's ``diagnostics``/``warnings`` extras, sent only when set); see
+# ``openai_compat.response_json``.
 
 
 class CompletionChoice(BaseModel):
@@ -122,7 +121,9 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
-    diagnostics: dict[str, Any] | None = None
+    diagnostics: dict[str, Any] | None = Field(
+        None, description="steerserve extra: steering diagnostics (sent when asked for)."
+    )
 
 
 class UsageOut(BaseModel):
@@ -142,6 +143,10 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageOut
+    system_fingerprint: str | None = None
+    warnings: list[str] | None = Field(
+        None, description="steerserve extra: notes on the steering stack (sent when any)."
+    )
 
 
 class ChatMessageOut(BaseModel):
@@ -159,7 +164,9 @@ class ChatChoice(BaseModel):
     message: ChatMessageOut
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
-    diagnostics: dict[str, Any] | None = None
+    diagnostics: dict[str, Any] | None = Field(
+        None, description="steerserve extra: steering diagnostics (sent when asked for)."
+    )
 
 
 class ChatCompletionResponse(BaseModel):
@@ -171,3 +178,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageOut
+    system_fingerprint: str | None = None
+    warnings: list[str] | None = Field(
+        None, description="steerserve extra: notes on the steering stack (sent when any)."
+    )
