@@ -536,9 +536,11 @@ class Engine:
         with self._cond:
             waiting = list(self._waiting)
             self._waiting.clear()
-        for row in self.rows:
+        # Leave the batch before the FinishEvents go out: a consumer that sees its stream
+        # end must also see ``running == 0`` (tests/integration/test_shutdown.py raced here).
+        rows, self.rows = self.rows, []
+        for row in rows:
             self._finish(row, "abort")
-        self.rows = []
         self.batch = BatchState(self.vocab_size, self.device)
         self.twins.reset()
         self.aux.reset()
