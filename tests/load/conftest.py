@@ -412,7 +412,14 @@ def check_counters(
     length = delta("steerserve_requests_finished_total{finish_reason=length}")
     assert streams <= cancelled <= streams + hangups, (streams, hangups, cancelled)
     assert abort == cancelled  # nothing else aborts
-    assert length == completed + solo_runs  # and no cancelled request ran to the end
+    # Every completed request ran to the end; so may a non-streaming request the client
+    # abandons, when the server finished it before the hang-up arrived (seen under load:
+    # 6 of ~300 hang-ups in a loaded short soak). Each hang-up is counted at most once:
+    # never reached the engine, cancelled, or ran to the end.
+    finished_anyway = length - completed - solo_runs
+    assert finished_anyway >= 0, (length, completed, solo_runs)
+    assert (cancelled - streams) + finished_anyway <= hangups, (
+        cancelled, streams, finished_anyway, hangups)
     for reason in ("stop", "timeout", "error"):
         assert delta(f"steerserve_requests_finished_total{{finish_reason={reason}}}") == 0
     # Every request that reached the engine ended exactly once.
