@@ -16,8 +16,7 @@ import pytest
 from clients import AsyncSteerClient, LogitBias, SteerClient
 from clients._base import RequestSpec
 from clients._grid import set_path
-from clients.exceptions import APIStatusError
-from clients.exceptions import NotFoundError
+from clients.exceptions import APIStatusError, NotFoundError
 from clients.streaming import _Reader
 from clients.types import GenerateResponse, SweepResponse
 from server.api.errors import APIError as ServerAPIError
