@@ -206,3 +206,17 @@ def test_sync_and_async_streams_send_nothing_until_used(fake):
 
     asyncio.run(run())
     assert script.hits == {"/v1/generate": 2}
+
+
+def test_logprobs_and_usage_agree_between_generate_and_collected_stream(real_server):
+    greedy = {"max_tokens": 4, "temperature": 0.0, "ignore_eos": True, "logprobs": 2}
+    with SteerClient(real_server.url, timeout=30) as c:
+        r = c.generate("hello", **greedy)
+        with c.stream("hello", **greedy) as s:
+            streamed = s.collect()
+    assert r.logprobs is not None and [e.token_id for e in r.logprobs] == r.token_ids
+    assert all(len(e.top) == 2 for e in r.logprobs)
+    # Greedy: the chosen token is the most likely alternative.
+    assert all(e.top[0].token_id == e.token_id for e in r.logprobs)
+    assert streamed.token_ids == r.token_ids and streamed.usage == r.usage
+    assert streamed.logprobs == r.logprobs
