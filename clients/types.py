@@ -55,6 +55,8 @@ class SamplingOptions(TypedDict, total=False):
     top_k: int
     min_p: float
     repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
     seed: int
     stop: str | list[str]
     stop_token_ids: list[int]
@@ -83,6 +85,9 @@ class GenerateRequest(_Request):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    #: OpenAI semantics over the output tokens, in [-2, 2].
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
