@@ -491,20 +491,25 @@ class Engine:
         ("timeout"); their batch slots are free for the next admission."""
         now = time.monotonic()
         keep: list[int] = []
+        done: list[tuple[_Row, FinishReason, bool]] = []
         for b, r in enumerate(self.rows):
             if r.handle.cancelled:
-                self._finish(r, "abort", cancelled=True)
+                done.append((r, "abort", True))
             elif self._expired(r.handle, now):
-                self._finish(r, "timeout")
+                done.append((r, "timeout", False))
             else:
                 keep.append(b)
-        if len(keep) == len(self.rows):
+        if not done:
             return
+        # Free the slots before the FinishEvents go out, so a consumer that sees its
+        # request end also sees it gone from ``running`` (test_limits raced here).
         self.rows = [self.rows[b] for b in keep]
         self.batch.select(keep)
         self.twins.select(keep)
         self.aux.sync([id(r.handle) for r in self.rows])  # frees their aux caches
         self._dirty = True
+        for r, reason, cancelled in done:
+            self._finish(r, reason, cancelled=cancelled)
 
     def _emit(self, sink: EventSink, event: Any) -> bool:
         """Deliver an event; False if the receiver is gone (its row is then dropped)."""
