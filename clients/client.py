@@ -31,7 +31,7 @@ from clients._progress import Progress
 from clients.resources import AsyncControlVectors, AsyncPriors, ControlVectors, Priors
 from clients.steering import SteeringLike
 from clients.streaming import AsyncStream, Stream
-from clients.sweep import SweepResult
+from clients.sweep import SweepResult, sweep_options
 from clients.types import (
     GenerateOptions,
     GenerateRequest,
@@ -54,15 +54,16 @@ def _missing_endpoint(error: exc.APIStatusError) -> bool:
 
 def _sweep_bodies(
     prompts: Sequence[str | list[int]], steering: Sequence[SteeringLike] | None,
-    options: dict[str, Any],
+    options: dict[str, Any], independent: bool = False,
 ) -> list[dict[str, Any]]:
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of prompts, not one string")
     if not prompts:
         raise ValueError("prompts is empty")
+    per_prompt = sweep_options(options, len(prompts), independent=independent)
     return [
-        GenerateRequest.build(p, steering=list(steering or []), **options).to_wire()
-        for p in prompts
+        GenerateRequest.build(p, steering=list(steering or []), **opts).to_wire()
+        for p, opts in zip(prompts, per_prompt, strict=True)
     ]
 
 
@@ -181,9 +182,15 @@ class SteerClient(BaseClient):
         concurrency: int = DEFAULT_SWEEP_CONCURRENCY,
         progress: bool | None = None,
         server_sweep: bool | None = None,
+        independent: bool = False,
         **options: Unpack[SamplingOptions],
     ) -> SweepResult:
         """Generate every prompt at every grid point (``POST /v1/sweep`` per prompt).
+
+        Points are comparable by default: each prompt keeps one seed across the grid
+        (prompt ``i`` gets seed ``i`` unless ``seed=`` is given; ``independent=True`` samples
+        every point afresh) and summary ``diagnostics`` are on (``diagnostics=False`` to
+        turn them off). See :func:`clients.sweep.sweep_options`.
 
         ``grid`` maps dotted paths of the generate request (``"steering.0.lambda"``,
         ``"temperature"``, ``"steering.0.bias.70"``) to values; ``lambdas=`` is short
@@ -196,7 +203,7 @@ class SteerClient(BaseClient):
         """
         full_grid = resolve_grid(steering, grid, lambdas)
         points = expand_grid(full_grid)
-        bodies = _sweep_bodies(prompts, steering, dict(options))
+        bodies = _sweep_bodies(prompts, steering, dict(options), independent)
         timeout = options.get("timeout")
         results: list[list[GenerateResponse] | None] = [None] * len(bodies)
         with Progress(len(bodies) * len(points), "sweep", progress) as bar:
@@ -337,12 +344,13 @@ class AsyncSteerClient(BaseClient):
         concurrency: int = DEFAULT_SWEEP_CONCURRENCY,
         progress: bool | None = None,
         server_sweep: bool | None = None,
+        independent: bool = False,
         **options: Unpack[SamplingOptions],
     ) -> SweepResult:
         """See :meth:`SteerClient.sweep`; prompts are swept concurrently."""
         full_grid = resolve_grid(steering, grid, lambdas)
         points = expand_grid(full_grid)
-        bodies = _sweep_bodies(prompts, steering, dict(options))
+        bodies = _sweep_bodies(prompts, steering, dict(options), independent)
         timeout = options.get("timeout")
         sem = asyncio.Semaphore(max(1, concurrency))
         results: list[list[GenerateResponse]] = [[] for _ in bodies]
