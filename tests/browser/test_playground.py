@@ -176,3 +176,35 @@ def test_api_key_field(tiny_bundle, tmp_path, watch):
         page.reload()  # kept for the tab's session
         page.wait_for_selector("body[data-ready='1']", timeout=30_000)
         assert page.input_value("#api-key") == "sekret-key"
+
+
+@pytest.mark.slow
+def test_real_model_side_by_side_and_screenshot(real_bundle, tmp_path, watch):
+    """The embedded model with a KJV prior: the steered column differs, and the page is
+    photographed (``STEER_PLAYGROUND_SCREENSHOT=docs/playground.png`` refreshes the docs')."""
+    with live_server(real_bundle, tmp_path) as srv:
+        r = httpx.post(srv.url + "/v1/priors", json={"name": "kjv", "corpus": "kjv",
+                                                     "max_documents": 300}, timeout=300)
+        if r.status_code == 400 and "not installed" in r.text:
+            pytest.skip("the kjv corpus is not installed")
+        assert r.status_code == 201, r.text
+        page = open_page(watch, srv.url)
+        page.check("input[name=mode][value=chat]")
+        page.fill("#chat-user", "Describe a quiet morning by the sea.")
+        page.fill("#max_tokens", "40")
+        page.fill("#temperature", "0.7")
+        page.fill("#seed", "7")
+        add_ngram(page, 0.4)
+        page.select_option("#add-type", "margin")
+        page.click("#add-entry")
+        page.fill("#sweep-values", "0,0.2,0.4,0.6")
+        page.click("#run-sweep")
+        page.wait_for_selector("#plot-metric", timeout=300_000)
+        assert page.locator("#plot-tradeoff circle.point").count() == 4
+        page.click("#generate")
+        page.wait_for_selector("#out-steered[data-done='1']", timeout=300_000)
+        base_text, steered_text = page.text_content("#out-base"), page.text_content("#out-steered")
+        assert base_text and steered_text and base_text != steered_text
+        shot = os.environ.get("STEER_PLAYGROUND_SCREENSHOT") or str(tmp_path / "real.png")
+        page.screenshot(path=shot, full_page=True)
+        assert watch.errors == [] and watch.dialogs == []

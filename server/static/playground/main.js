@@ -115,17 +115,17 @@ function colorTokens(spans, diagnostics) {
   });
 }
 
+/** The steered run's scalar diagnostics, three name/value pairs per table row. */
 function diagnosticsTable(diag) {
   const rows = Object.entries(diag || {}).filter(([, v]) => typeof v === "number");
   const table = $("diagnostics");
   table.replaceChildren();
-  if (!rows.length) return;
-  table.insertRow().append(...["diagnostic", "steered"].map((h) => Object.assign(
-    document.createElement("th"), { textContent: h })));
-  for (const [k, v] of rows) {
+  for (let i = 0; i < rows.length; i += 3) {
     const tr = table.insertRow();
-    tr.insertCell().textContent = k;
-    tr.insertCell().textContent = Number.isInteger(v) ? v : v.toPrecision(4);
+    for (const [k, v] of rows.slice(i, i + 3)) {
+      tr.append(Object.assign(document.createElement("th"), { textContent: k }));
+      tr.insertCell().textContent = Number.isInteger(v) ? v : v.toPrecision(4);
+    }
   }
 }
 

@@ -1,7 +1,7 @@
 // A tiny SVG line/scatter chart: points joined in order, each with a label and a tooltip.
 
 const NS = "http://www.w3.org/2000/svg";
-const W = 360, H = 240, PAD = { l: 56, r: 16, t: 24, b: 40 };
+const W = 380, H = 250, PAD = { l: 56, r: 24, t: 34, b: 40 };
 
 function svg(tag, attrs = {}, text) {
   const node = document.createElementNS(NS, tag);
@@ -57,8 +57,11 @@ export function chart({ points, title, xLabel, yLabel, logX = false, logY = fals
       class: "point" });
     dot.append(svg("title", {}, `${p.label}: ${xLabel} ${fmt(p.x)}, ${yLabel} ${fmt(p.y)}`));
     root.append(dot);
-    if (p.label !== undefined) {
-      root.append(svg("text", { x: sx.map(p.x) + 6, y: sy.map(p.y) - 6, "font-size": 10 }, p.label));
+    if (p.label !== undefined) {  // labels on the inner side, so none leaves the frame
+      const x = sx.map(p.x), right = x > (PAD.l + W - PAD.r) / 2;
+      const y = sy.map(p.y), below = y < PAD.t + 12;
+      root.append(svg("text", { x: right ? x - 6 : x + 6, y: below ? y + 14 : y - 6,
+        "text-anchor": right ? "end" : "start", "font-size": 10 }, p.label));
     }
   }
   return root;
