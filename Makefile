@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml
 	@if [ ! -d /usr/share/games/fortunes ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fortunes >/dev/null) \
 		|| echo "note: could not install Debian 'fortunes'; the 'fortunes' corpus stays unavailable"; fi
+	# The playground's browser tests drive Debian's Chromium (Playwright cannot download
+	# its own browsers here); without it they skip with one line.
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "note: could not install Debian 'chromium'; the browser tests will skip"; fi
 	touch $(STAMP)
 
 install: $(STAMP)

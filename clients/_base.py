@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from clients import exceptions as exc
 from clients._grid import apply_params, expand_grid, resolve_grid
 from clients.steering import SteeringLike
-from clients.sweep import SweepResult
+from clients.sweep import SweepResult, sweep_options
 from clients.types import (
     ControlVectorCreate,
     GenerateRequest,
@@ -308,6 +308,7 @@ class SweepPlan:
         *,
         concurrency: int,
         server_sweep: bool | None,
+        independent: bool = False,
     ) -> None:
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of prompts, not one string")
@@ -318,9 +319,12 @@ class SweepPlan:
         self.prompts = list(prompts)
         self.grid = resolve_grid(steering, grid, lambdas)
         self.points = expand_grid(self.grid)
+        # One seed per prompt and summary diagnostics unless the caller says otherwise
+        # (comparable points; see clients.sweep.sweep_options).
+        per_prompt = sweep_options(options, len(self.prompts), independent=independent)
         self.bodies = [
-            GenerateRequest.build(p, steering=list(steering or []), **options).to_wire()
-            for p in prompts
+            GenerateRequest.build(p, steering=list(steering or []), **opts).to_wire()
+            for p, opts in zip(prompts, per_prompt, strict=True)
         ]
         self.timeout: float | None = options.get("timeout")
         self.concurrency = concurrency

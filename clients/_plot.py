@@ -10,11 +10,14 @@ from typing import Any
 
 
 def plot_summary(
-    summary: list[dict[str, Any]], keys: Sequence[str], metrics: Sequence[str], path: Path
+    summary: list[dict[str, Any]], keys: Sequence[str], metrics: Sequence[str], path: Path,
+    *, tradeoff: bool = False,
 ) -> Path:
     """One panel per metric: mean ± std against ``keys[0]``, a line per combination of
-    the other keys. Uses the Agg canvas directly, so pyplot's global state (and any
-    interactive backend the caller chose) is left alone."""
+    the other keys; with ``tradeoff`` a first panel plots mean ``style_ppl`` (x) against
+    mean ``base_ppl`` (y), one point per grid point labelled with its ``keys[0]`` value.
+    Uses the Agg canvas directly, so pyplot's global state (and any interactive backend
+    the caller chose) is left alone."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -25,13 +28,33 @@ def plot_summary(
     x_values = list(dict.fromkeys(entry[x_key] for entry in summary))
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x_values)
 
-    fig = Figure(figsize=(5.0 * len(metrics), 3.6), layout="constrained")
+    panels = len(metrics) + int(tradeoff)
+    fig = Figure(figsize=(5.0 * panels, 3.6), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    axes = list(fig.subplots(1, panels, squeeze=False)[0])
     series: dict[str, list[dict[str, Any]]] = {}
     for entry in summary:
         label = ", ".join(f"{k}={entry[k]}" for k in others)
         series.setdefault(label, []).append(entry)
+    if tradeoff:
+        ax = axes.pop(0)
+        for label, entries in series.items():
+            xs = [e["style_ppl_mean"] for e in entries]
+            ys = [e["base_ppl_mean"] for e in entries]
+            ax.plot(xs, ys, marker="o", label=label or None)
+            for point, x, y in zip(entries, xs, ys, strict=True):
+                ax.annotate(f"{x_key.rsplit('.', 1)[-1]}={point[x_key]}", (x, y),
+                            fontsize="small",
+                            textcoords="offset points", xytext=(4, 4))
+        # Both perplexities span orders of magnitude; lower-left is better on both.
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("style PPL (lower = more in style)")
+        ax.set_ylabel("base PPL (lower = more fluent)")
+        ax.set_title("trade-off")
+        ax.grid(alpha=0.3)
+        if others:
+            ax.legend(fontsize="small")
     for ax, metric in zip(axes, metrics, strict=True):
         for label, entries in series.items():
             xs = [e[x_key] if numeric else x_values.index(e[x_key]) for e in entries]

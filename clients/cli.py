@@ -190,9 +190,12 @@ def cmd_sweep(client: SteerClient, args: argparse.Namespace) -> int:
     steering = steering_from(args, lam_default=0.0)
     if not grid and args.lambdas is None:
         raise ValueError("give --lambdas or --grid PATH=v1,v2")
+    options = sampling_from(args)
+    if args.no_diagnostics:
+        options["diagnostics"] = False
     result = client.sweep(
         prompts, steering=steering, grid=grid or None, lambdas=args.lambdas,
-        concurrency=args.concurrency, **sampling_from(args),
+        concurrency=args.concurrency, independent=args.independent, **options,
     )
     if args.out:
         out = Path(args.out)
@@ -200,7 +203,7 @@ def cmd_sweep(client: SteerClient, args: argparse.Namespace) -> int:
         print(f"wrote {len(result)} rows to {out}", file=sys.stderr)
     if args.plot:
         metrics = args.metrics.split(",") if args.metrics else None
-        result.plot(args.plot, metrics=metrics)
+        result.plot(args.plot, metrics=metrics, tradeoff=args.tradeoff)
         print(f"wrote {args.plot}", file=sys.stderr)
     emit(args, result.summary(), str(result))
     return 0
@@ -351,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", metavar="FILE", help="write rows (.csv, or .json)")
     s.add_argument("--plot", metavar="FILE.png", help="save line charts (needs matplotlib)")
     s.add_argument("--metrics", help="metrics to plot, e.g. overlap,distinct_2")
+    s.add_argument("--tradeoff", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw the style-PPL vs base-PPL curve in --plot (default: when the "
+                        "stack has a prior)")
+    s.add_argument("--independent", action="store_true",
+                   help="sample every grid point afresh (default: one seed per prompt, "
+                        "the same at every point; --seed S sets it)")
+    s.add_argument("--no-diagnostics", action="store_true",
+                   help="skip the summary diagnostics (on by default for sweeps)")
     _sampling(s)
     _steering(s)
 

@@ -146,9 +146,15 @@ class SteerClient(BaseClient):
         concurrency: int = DEFAULT_SWEEP_CONCURRENCY,
         progress: bool | None = None,
         server_sweep: bool | None = None,
+        independent: bool = False,
         **options: Unpack[SamplingOptions],
     ) -> SweepResult:
         """Generate every prompt at every grid point (``POST /v1/sweep`` per prompt).
+
+        Points are comparable by default: each prompt keeps one seed across the grid
+        (prompt ``i`` gets seed ``i`` unless ``seed=`` is given; ``independent=True`` samples
+        every point afresh) and summary ``diagnostics`` are on (``diagnostics=False`` to
+        turn them off). See :func:`clients.sweep.sweep_options`.
 
         ``grid`` maps dotted paths of the generate request (``"steering.0.lambda"``,
         ``"temperature"``, ``"steering.0.bias.70"``) to values; ``lambdas=`` is short
@@ -162,7 +168,8 @@ class SteerClient(BaseClient):
         installed).
         """
         plan = base.SweepPlan(prompts, steering, grid, lambdas, options,
-                              concurrency=concurrency, server_sweep=server_sweep)
+                              concurrency=concurrency, server_sweep=server_sweep,
+                              independent=independent)
         with Progress(plan.total, "sweep", progress) as bar:
             if (probe := plan.probe(self._sweep_endpoint)) is not None:
                 try:
@@ -279,11 +286,13 @@ class AsyncSteerClient(BaseClient):
         concurrency: int = DEFAULT_SWEEP_CONCURRENCY,
         progress: bool | None = None,
         server_sweep: bool | None = None,
+        independent: bool = False,
         **options: Unpack[SamplingOptions],
     ) -> SweepResult:
         """See :meth:`SteerClient.sweep` (the same plan, the same ``concurrency``)."""
         plan = base.SweepPlan(prompts, steering, grid, lambdas, options,
-                              concurrency=concurrency, server_sweep=server_sweep)
+                              concurrency=concurrency, server_sweep=server_sweep,
+                              independent=independent)
         sem = asyncio.Semaphore(plan.concurrency)
         with Progress(plan.total, "sweep", progress) as bar:
             if (probe := plan.probe(self._sweep_endpoint)) is not None:

@@ -8,22 +8,33 @@ Metrics of a row (``row.metrics``):
   of positions ``i < max(len(a), len(b))`` where both outputs have a token and the token
   ids agree (so a length difference counts as disagreement; two empty outputs overlap
   1.0). The reference is the first grid point whose swept values are all 0 (the
-  unsteered point, e.g. λ = 0), else the first grid point. Meaningful with greedy
-  decoding or a fixed ``seed``;
+  unsteered point, e.g. λ = 0), else the first grid point. It is *positional*: one
+  early changed token shifts the rest and can read as "nothing in common". Meaningful
+  with greedy decoding or a fixed ``seed`` (the sweep's default, see below);
+* ``jaccard`` — the position-free counterpart: bag-of-tokens (multiset) Jaccard with the
+  same reference, ``Σ_t min(a_t, b_t) / Σ_t max(a_t, b_t)`` over token counts (two empty
+  outputs: 1.0), so shared vocabulary counts wherever it occurs;
 * ``distinct_2`` — distinct bigrams / bigrams of the row's token ids (0.0 for outputs
   shorter than two tokens).
+
+Sweeps compare like with like by default (:func:`sweep_options`): every grid point of a
+prompt is decoded with the same seed (common random numbers), so differences between
+points come from the swept value rather than from sampling noise, and summary
+diagnostics are on, so the table shows base and style perplexity, JS and flips.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from clients._format import aligned
 from clients._grid import expand_grid, reference_index
@@ -32,9 +43,36 @@ from clients.types import GenerateResponse
 _FIXED = ("prompt_index", "prompt")
 #: What ``str(result)`` shows (those present); ``summary()`` has every numeric metric.
 SHOWN_METRICS = (
-    "overlap", "distinct_2", "completion_tokens", "base_ppl", "style_ppl", "js_mean",
-    "kl_base_steered_mean", "argmax_flip_rate",
+    "overlap", "jaccard", "distinct_2", "completion_tokens", "base_ppl", "style_ppl",
+    "js_mean", "kl_base_steered_mean", "argmax_flip_rate",
 )
+#: The first prompt's seed when a sweep fixes seeds itself (prompt ``i`` gets ``+ i``).
+DEFAULT_SWEEP_SEED = 0
+
+
+def sweep_options(
+    options: Mapping[str, Any], n_prompts: int, *, independent: bool = False
+) -> list[dict[str, Any]]:
+    """Per-prompt generate options of a sweep, with its comparable-points defaults.
+
+    Unless ``independent``, a prompt without an explicit ``seed`` gets
+    ``DEFAULT_SWEEP_SEED + i`` (prompt ``i``), the same at every grid point: common random
+    numbers, so a λ = 0.1 point differs from λ = 0 by the steering, not by the draw. An
+    explicit ``seed`` is used for every prompt (and a grid over ``seed`` still wins, since
+    grid values are applied last). ``diagnostics`` defaults to ``True`` (summary scalars:
+    base/style PPL, JS, flips); pass ``diagnostics=False`` to turn it off.
+    """
+    out = []
+    for i in range(n_prompts):
+        opts = dict(options)
+        opts.setdefault("diagnostics", True)
+        if independent:
+            if "seed" in opts:
+                raise ValueError("give either seed or independent=True, not both")
+        else:
+            opts.setdefault("seed", DEFAULT_SWEEP_SEED + i)
+        out.append(opts)
+    return out
 _TAIL = ("text", "token_ids")
 
 
@@ -44,6 +82,16 @@ def token_overlap(a: Sequence[int], b: Sequence[int]) -> float:
     if n == 0:
         return 1.0
     return sum(1 for x, y in zip(a, b, strict=False) if x == y) / n
+
+
+def token_jaccard(a: Sequence[int], b: Sequence[int]) -> float:
+    """Multiset Jaccard of two token sequences: Σ min(count) / Σ max(count) (1.0 if both
+    are empty). Position-free: ``[1, 2, 3]`` vs ``[9, 1, 2, 3]`` is 0.75, overlap 0."""
+    ca, cb = Counter(a), Counter(b)
+    union = sum((ca | cb).values())
+    if union == 0:
+        return 1.0
+    return sum((ca & cb).values()) / union
 
 
 def distinct_n(token_ids: Sequence[int], n: int = 2) -> float:
@@ -111,6 +159,7 @@ class SweepResult:
                     finish_reason=r.finish_reason,
                     completion_tokens=r.usage.completion_tokens,
                     overlap=token_overlap(r.token_ids, reference),
+                    jaccard=token_jaccard(r.token_ids, reference),
                     distinct_2=distinct_n(r.token_ids, 2),
                 )
                 text = prompt if isinstance(prompt, str) else json.dumps(prompt)
@@ -177,14 +226,24 @@ class SweepResult:
         then metrics (``from_csv`` relies on params sitting between prompt and text)."""
         return [*_FIXED, *self.grid, *_TAIL, *self.metric_names()]
 
-    def to_csv(self, path: str | Path) -> Path:
-        """Write one line per row; token ids and non-string params as JSON."""
+    @overload
+    def to_csv(self, path: None = None) -> str: ...
+    @overload
+    def to_csv(self, path: str | Path) -> Path: ...
+
+    def to_csv(self, path: str | Path | None = None) -> str | Path:
+        """One line per row; token ids and non-string params as JSON. With ``path``,
+        write the file and return its path; without, return the text (as pandas does)."""
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, fieldnames=self.columns())
+        writer.writeheader()
+        for rec in self.records():
+            writer.writerow({k: _cell(k, v) for k, v in rec.items()})
+        if path is None:
+            return buf.getvalue()
         path = Path(path)
         with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns())
-            writer.writeheader()
-            for rec in self.records():
-                writer.writerow({k: _cell(k, v) for k, v in rec.items()})
+            f.write(buf.getvalue())
         return path
 
     @classmethod
@@ -211,13 +270,21 @@ class SweepResult:
                     grid[k].append(row.params[k])
         return cls(grid, rows)
 
-    def to_json(self, path: str | Path) -> Path:
-        """Write ``{"grid": ..., "rows": [...], "summary": [...]}``."""
-        path = Path(path)
+    @overload
+    def to_json(self, path: None = None) -> str: ...
+    @overload
+    def to_json(self, path: str | Path) -> Path: ...
+
+    def to_json(self, path: str | Path | None = None) -> str | Path:
+        """``{"grid": ..., "rows": [...], "summary": [...]}``: written to ``path`` (its
+        path returned), or returned as text without one."""
         doc = {"grid": self.grid, "rows": [asdict(r) for r in self.rows],
                "summary": self.summary()}
-        path.write_text(json.dumps(doc, indent=1, ensure_ascii=False, default=str) + "\n",
-                        encoding="utf-8")
+        text = json.dumps(doc, indent=1, ensure_ascii=False, default=str) + "\n"
+        if path is None:
+            return text
+        path = Path(path)
+        path.write_text(text, encoding="utf-8")
         return path
 
     @classmethod
@@ -234,14 +301,36 @@ class SweepResult:
             raise ImportError("to_pandas() needs pandas: pip install pandas") from e
         return pd.DataFrame(self.records(), columns=self.columns())
 
-    def plot(self, path: str | Path, metrics: Sequence[str] | None = None) -> Path:
+    def plot(
+        self, path: str | Path, metrics: Sequence[str] | None = None, *,
+        tradeoff: bool | None = None,
+    ) -> Path:
         """Save one line chart per metric (mean ± std over prompts) against the first
         swept parameter; one line per combination of the other swept parameters.
-        Needs matplotlib; draws off-screen (Agg), never opens a window."""
+
+        Default metrics: overlap, jaccard and distinct-2, plus base and style perplexity
+        when the rows have them. ``tradeoff`` adds a first panel with the trade-off curve
+        (mean style PPL on x, mean base PPL on y, each point labelled by the swept value);
+        by default it is drawn when both perplexities are present. Needs matplotlib;
+        draws off-screen (Agg), never opens a window."""
         from clients._plot import plot_summary
 
-        names = list(metrics) if metrics is not None else ["overlap", "distinct_2"]
-        return plot_summary(self.summary(names), list(self.grid), names, Path(path))
+        present = set(self.numeric_metrics())
+        has_ppl = {"style_ppl", "base_ppl"} <= present
+        names: list[str]
+        if metrics is None:
+            names = [m for m in ("overlap", "jaccard", "distinct_2", "base_ppl", "style_ppl")
+                     if m in present]
+        else:
+            names = list(metrics)
+        if tradeoff is None:
+            tradeoff = has_ppl
+        if tradeoff and not has_ppl:
+            raise ValueError("the trade-off curve needs style_ppl and base_ppl: sweep a stack "
+                             "with an n-gram prior, with diagnostics on")
+        need = sorted(set(names) | ({"style_ppl", "base_ppl"} if tradeoff else set()))
+        return plot_summary(self.summary(need), list(self.grid), names, Path(path),
+                            tradeoff=tradeoff)
 
 
 def _cell(key: str, value: Any) -> Any:

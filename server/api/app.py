@@ -18,6 +18,7 @@ from server.api.errors import APIError, install_error_handlers
 from server.api.metrics import ServerMetrics
 from server.api.metrics import router as metrics_router
 from server.api.openai_compat import router as openai_router
+from server.api.playground import install_playground
 from server.api.priors import router as priors_router
 from server.api.routes import router
 from server.api.state import ServerState
@@ -264,6 +265,7 @@ def create_app(
     app.include_router(vectors_router)
     app.include_router(openai_router)
     app.include_router(metrics_router)
+    install_playground(app)
     base_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:

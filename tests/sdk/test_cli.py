@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from clients import SteerClient
 from clients.cli import main
 from tests.conftest import free_port
 
@@ -78,3 +79,20 @@ def test_priors_list_and_missing(real_server, capsys):
     assert "(none)" in capsys.readouterr().out
     assert main(["--base-url", real_server.url, "priors", "show", "nope"]) == 1
     assert "404" in capsys.readouterr().err
+
+
+def test_sweep_table_shows_style_and_base_ppl_by_default(real_server, capsys):
+    url = real_server.url
+    with SteerClient(url) as c:
+        c.priors.build("clisweep", text="the cat sat on the mat. " * 30)
+    try:
+        code = main(["--base-url", url, "sweep", "--prompt", "the cat", "--prior", "clisweep",
+                     "--lambdas", "0,0.5", "--max-tokens", "4"])
+        assert code == 0
+        header = capsys.readouterr().out.splitlines()[0].split()
+        for column in ("overlap", "jaccard", "base_ppl", "style_ppl", "js_mean",
+                       "argmax_flip_rate"):
+            assert column in header
+    finally:
+        with SteerClient(url) as c:
+            c.priors.delete("clisweep")

@@ -123,7 +123,9 @@ def test_fallback_request_is_the_generate_body_with_the_point_set():
     _sync_run(rec, max_tokens=5)
     generates = [json.loads(body) for path, body in rec.calls if path == "/v1/generate"]
     first = generates[0]
-    assert first == {"prompt": "a", "max_tokens": 5, "temperature": 0.0,
+    # seed and diagnostics: the sweep's comparable-points defaults (prompt 0 → seed 0).
+    assert first == {"prompt": "a", "max_tokens": 5, "temperature": 0.0, "seed": 0,
+                     "diagnostics": True,
                      "steering": [{"type": "logit_bias", "bias": {"70": 0}}]}
 
 

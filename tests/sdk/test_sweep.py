@@ -4,6 +4,8 @@ fake server, grid paths, metrics and SweepResult exports."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import math
 
@@ -187,3 +189,87 @@ def test_plot(result, tmp_path):
     pytest.importorskip("matplotlib")
     path = result.plot(tmp_path / "s.png", metrics=["overlap", "js_mean"])
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------ comparable-points defaults
+
+
+def _echo_sweep(body):
+    """A /v1/sweep that answers every point with the request's seed as its token."""
+    seed = body["request"].get("seed", -1)
+    return {"results": [{"params": p, "response": gen_body(token_ids=[seed])}
+                        for p in expand_grid(body["grid"])]}
+
+
+def test_sweep_defaults_one_seed_per_prompt_and_diagnostics(fake):
+    srv, script = fake
+    script.plan["/v1/sweep"] = [(200, _echo_sweep, {})]
+    stack = [Ngram(prior="kjv", lam=0.0)]
+    with SteerClient(srv.url) as c:
+        c.sweep(["a", "b", "c"], steering=stack, lambdas=[0, 0.1])
+        sent = [b["request"] for b in script.bodies]
+        assert [r["seed"] for r in sent] == [0, 1, 2]  # one per prompt, shared by its points
+        assert all(r["diagnostics"] is True for r in sent)
+        script.bodies.clear()
+        c.sweep(["a", "b"], steering=stack, lambdas=[0, 0.1], seed=7, diagnostics=False)
+        assert [(b["request"]["seed"], b["request"].get("diagnostics")) for b in script.bodies
+                ] == [(7, False), (7, False)]
+        script.bodies.clear()
+        c.sweep(["a"], steering=stack, lambdas=[0, 0.1], independent=True)
+        assert "seed" not in script.bodies[0]["request"]
+        with pytest.raises(ValueError, match="independent"):
+            c.sweep(["a"], steering=stack, lambdas=[0, 0.1], independent=True, seed=1)
+
+
+def test_default_seed_makes_points_reproducible_solo_requests(real_server):
+    """Sampling at temperature 1: every row equals a solo generate with seed = prompt
+    index (the oracle), so a no-op point reproduces the reference exactly."""
+    grid = {"steering.0.bias.70": [0, 0.5]}
+    opts = {"max_tokens": 6, "ignore_eos": True, "temperature": 1.0}
+    with SteerClient(real_server.url, timeout=30) as c:
+        result = c.sweep(PROMPTS, steering=[LogitBias({70: 0})], grid=grid, **opts)
+        for row in result.rows:
+            solo = c.generate(row.prompt, steering=[LogitBias({70: row.params[
+                "steering.0.bias.70"]})], seed=row.prompt_index, **opts)
+            assert row.token_ids == solo.token_ids
+            assert "js_mean" in row.metrics  # diagnostics on by default
+
+
+def test_token_jaccard_is_position_free():
+    from clients.sweep import token_jaccard
+
+    assert token_jaccard([1, 2, 3], [9, 1, 2, 3]) == 0.75  # shifted: positional overlap 0
+    assert token_overlap([1, 2, 3], [9, 1, 2, 3]) == 0.0
+    assert token_jaccard([1, 1, 2], [1, 2, 2]) == 0.5  # multiset: min 1+1, max 2+2
+    assert token_jaccard([], []) == 1.0 and token_jaccard([], [5]) == 0.0
+
+
+def test_jaccard_metric_and_text_exports(result, tmp_path):
+    # prompt 1 at λ=0.5: [9, 9, 4] vs reference [4, 4] → min 1 / max (2 + 2) = 0.25
+    assert result.rows[3].metrics["jaccard"] == 0.25
+    text = result.to_csv()
+    assert isinstance(text, str)
+    assert text == result.to_csv(tmp_path / "r.csv").read_bytes().decode("utf-8")
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert [r["token_ids"] for r in rows] == [json.dumps(r.token_ids) for r in result.rows]
+    doc = json.loads(result.to_json())
+    assert doc == json.loads(result.to_json(tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert [r["token_ids"] for r in doc["rows"]] == [r.token_ids for r in result.rows]
+
+
+def test_tradeoff_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    grid = {"steering.0.lambda": [0.0, 0.5, 1.0]}
+    rows = [[_resp([1, 2], base_ppl=10.0 * (k + 1), style_ppl=100.0 / (k + 1))
+             for k in range(3)]]
+    res = SweepResult.from_responses(["p"], grid, rows)
+    path = res.plot(tmp_path / "t.png")  # both PPLs present: the trade-off panel is drawn
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    from matplotlib.image import imread
+
+    wide = imread(path).shape[1]
+    res.plot(tmp_path / "n.png", tradeoff=False)
+    assert imread(tmp_path / "n.png").shape[1] < wide  # one panel fewer
+    plain = SweepResult.from_responses(["p"], grid, [[_resp([1]) for _ in range(3)]])
+    with pytest.raises(ValueError, match="style_ppl"):
+        plain.plot(tmp_path / "x.png", tradeoff=True)
