@@ -83,6 +83,9 @@ class GenerateResponse(BaseModel):
     finish_reason: str
     usage: Usage
     diagnostics: dict[str, Any] | None = None
+    receipt: dict[str, Any] | None = Field(
+        None, description="Steering receipt of the control entries (see docs/control.md)."
+    )
     logprobs: list[dict[str, Any]] | None = Field(
         None, description="Per token: {token_id, logprob, top: [{token_id, logprob}]}."
     )
@@ -102,6 +105,7 @@ class StreamEvent(BaseModel):
     finish_reason: str | None = None
     usage: Usage | None = None
     diagnostics: dict[str, Any] | None = None
+    receipt: dict[str, Any] | None = None
     logprobs: list[dict[str, Any]] | None = None
     warnings: list[str] | None = None
 

@@ -117,6 +117,7 @@ async def collect(
                     total_tokens=ev.prompt_tokens + ev.completion_tokens,
                 ),
                 diagnostics=ev.diagnostics,
+                receipt=ev.receipt,
                 logprobs=logprobs,
                 warnings=list(warnings) or None,
             )
@@ -148,6 +149,8 @@ async def _stream_frames(
                          "finish_reason": ev.finish_reason, "usage": usage}
                 if ev.diagnostics is not None:
                     frame["diagnostics"] = ev.diagnostics
+                if ev.receipt is not None:
+                    frame["receipt"] = ev.receipt
                 if warnings:
                     frame["warnings"] = list(warnings)
                 yield sse(frame)
