@@ -94,6 +94,7 @@ class _Collector:
         return GenerateResponse(
             id=last.id, model=last.model, text="".join(self.text), token_ids=self.token_ids,
             finish_reason=last.finish_reason, usage=usage, diagnostics=last.diagnostics,
+            receipt=last.receipt,
         )
 
 
