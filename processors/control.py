@@ -12,8 +12,11 @@ This module holds the pure parts; the server wires them to the model:
   average, with a per-layer separation score;
 * **the request entry** :class:`ControlProcessor` (``type: "control"``) — validated here,
   applied inside the forward pass (registered ``in_forward``: it is never a logits stage);
-* **the per-row delta builder** :func:`build_phase` — ``(B, 1, D)`` deltas per layer that
-  the engine's forward hooks (``server.engine.hooks``) add to the residual stream.
+* **the per-row slot builder** :func:`build_phase` and :func:`apply_layer` — per phase,
+  ``(B, 1, D)`` float32 directions and ``(B,)`` per-row parameters that the engine's
+  forward hooks (``server.engine.hooks``) apply to the residual stream, filling the
+  receipt statistics as they go;
+* **the receipt** :func:`summarize_receipt` — what each entry did, from those statistics.
 
 Layer indices are 0-based block indices: layer ``ℓ`` is the output of
 ``model.model.layers[ℓ]`` (after its residual add), i.e. ``hidden_states[ℓ + 1]`` in
@@ -24,25 +27,35 @@ gap along it, ``mean((h⁺ − h⁻)·u)``. So ``α = 1`` shifts a state by one 
 (for ``mean_diff`` the vector *is* the mean difference), and ``α`` means roughly the same
 across layers and models. Imported GGUF vectors are used as they are.
 
-Request parameters (``steering[]`` entry):
+Request parameters (``steering[]`` entry; docs/control.md has the full rules):
 
 * ``vector`` — the artifact's name (unknown → 404);
-* ``alpha`` — strength in ``[-100, 100]`` (default 1.0); ``alpha = 0`` leaves the row
-  bit-identical to an unsteered run (the entry is skipped entirely);
+* ``mode`` — ``add`` (default, ``h + α v``), ``ablate`` (``h − s (h·û) û``) or ``clamp``
+  (``h + (value − h·û) û``), ``û = v / ‖v‖``;
+* ``alpha`` — (add) strength in ``[-100, 100]`` (default 1.0), or a schedule
+  ``{"start", "end", "over", "shape"}`` over generated tokens; ``alpha = 0`` leaves the
+  row bit-identical to an unsteered run (the entry is skipped entirely);
+* ``strength`` — (ablate) ``s`` in ``[0, 1]`` (default 1); ``value`` — (clamp) the
+  projection to set;
 * ``layers`` — which of the vector's layers to apply (default: all of them);
-* ``positions`` — ``"all"`` (default), ``"prompt"`` (prefill positions only) or
-  ``"generated"`` (decode positions only);
-* ``preserve_norm`` — rescale each steered state back to its pre-intervention norm.
+* ``positions`` — ``"all"`` (default), ``"prompt"`` (prefill positions only),
+  ``"generated"`` (decode positions only), ``{"from": i, "to": j}`` (generated indices
+  ``i ≤ t < j``) or ``{"after": "TEXT"}`` (from the token that completes TEXT);
+* ``preserve_norm`` — (add) rescale the state after this entry's addition back to the
+  norm it had before it.
 
-Several control entries in one request add up (each with its own α, layers, positions).
+At one layer: ablations first (in order), then additions (in order), each addition's
+``preserve_norm`` acting on its own step; the change is accumulated in float32 and added
+once in the activation dtype.
 
 Example:
     >>> import numpy as np, torch
     >>> v = ControlVector("up", {1: np.ones(4, dtype=np.float32)})
     >>> env = ProcessorEnv(vocab_size=8, resources={"control_vectors": {"up": v}})
     >>> spec = ControlProcessor.validate({"vector": "up", "alpha": 2.0}, env)
-    >>> phase = build_phase([(spec,), ()], "prompt", torch.device("cpu"), torch.float32)
-    >>> phase.deltas[1][:, 0]
+    >>> phase = build_phase([(spec,), ()], "prompt", torch.device("cpu"))
+    >>> phase.begin(torch.ones(2, 1, dtype=torch.long))
+    >>> apply_layer(phase, 1, torch.zeros(2, 1, 4))[:, 0]
     tensor([[2., 2., 2., 2.],
             [0., 0., 0., 0.]])
 """

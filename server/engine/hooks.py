@@ -9,10 +9,17 @@ behind, and another thread's forward (an extraction request, a second engine ove
 same model) never sees it. With no phase set, each hook returns at once and the block's
 output is untouched (``None`` from a forward hook keeps the output as it is).
 
-Block ``ℓ``'s output ``h (B, T, D)`` becomes ``h + delta_ℓ (B, 1, D)`` — in prefill
-(``T`` = the padded prompt length) and in decode (``T = 1``) alike; rows without a delta
-for ``ℓ`` have zeros there. Left-padded positions get the delta too, which is harmless:
-they are never attended and their outputs are discarded.
+Block ``ℓ``'s output ``h (B, T, D)`` goes through ``processors.control.apply_layer`` —
+in prefill (``T`` = the padded prompt length) and in decode (``T = 1``) alike: the
+row's ablations, then its additions, computed in float32 and added once; rows without
+an entry at ``ℓ`` pass through unchanged. ``steering`` also hands the forward's attention
+mask (prefill: receipts count real prompt positions only) and position ids (decode: a
+row's generated index ``t`` is its position minus its prompt length, which windows and
+schedules read) to the phase.
+
+:class:`ReceiptBook` and :class:`RowControl` are the engine's side of the receipts and of
+``after`` triggers: per-forward stats travel with the step's one host copy into each
+row's records, and ``summarize_receipt`` turns them into the response's ``receipt``.
 
 :meth:`ControlHooks.capture` records the last position's output of chosen blocks (the
 states control vectors are extracted from), through the same hooks, so extraction and
