@@ -766,25 +766,26 @@ def apply_layer(phase: PhaseDeltas, layer: int, h: torch.Tensor) -> torch.Tensor
         d_ = s.dirs[layer]  # (B, 1, D)
         cur = x if total is None else x + total
         norm = cur.norm(dim=-1, keepdim=True).clamp_min(1e-30)  # (B, T, 1)
-        comp: torch.Tensor | None = None
         if s.kind == "abl":
             proj = (cur * d_).sum(dim=-1, keepdim=True)  # (B, T, 1) h·û
-            step = (s.cbias - s.coef * proj) * d_  # (B, T, D)
-            comp = (proj.abs() / norm).squeeze(-1)  # (B, T)
+            size = s.cbias - s.coef * proj  # (B, T, 1) the change along û (‖û‖ = 1)
+            step = size * d_  # (B, T, D)
+            # (B, T, 2): ‖Δ‖/‖h‖ and |h·û|/‖h‖, from (B, T, 1) values (no pass over D)
+            vals = torch.cat([size.abs(), proj.abs()], dim=-1) / norm
         else:
             step = s.coef * d_  # (B, 1, D)
             if s.preserve is not None:
                 y = cur + step
                 y = y * (norm / y.norm(dim=-1, keepdim=True).clamp_min(1e-30))
                 step = torch.where(s.preserve, y - cur, step)
-        ratio = (step.norm(dim=-1) / norm.squeeze(-1)).expand(-1, h.shape[1])  # (B, T)
-        acts = s.active.view(-1, 1) if valid is None else s.active.view(-1, 1) & valid
-        for stat, val in (("d", ratio), ("c", comp)):
-            if val is None:
-                continue
-            phase.stats[s.name(tag, layer, stat + "sum")] = torch.where(acts, val, 0.0).sum(1)
-            phase.stats[s.name(tag, layer, stat + "max")] = torch.where(
-                acts, val, -math.inf).amax(1)
+            vals = step.norm(dim=-1, keepdim=True) / norm  # (B, T, 1)
+        acts = s.active.view(-1, 1, 1) if valid is None else (
+            s.active.view(-1, 1) & valid).unsqueeze(-1)  # (B, T or 1, 1)
+        sums = torch.where(acts, vals, 0.0).sum(1)  # (B, 1 or 2)
+        maxs = torch.where(acts, vals, -math.inf).amax(1)
+        for i, stat in enumerate(("d", "c")[: vals.shape[-1]]):
+            phase.stats[s.name(tag, layer, stat + "sum")] = sums[:, i]
+            phase.stats[s.name(tag, layer, stat + "max")] = maxs[:, i]
         total = step if total is None else total + step
     assert total is not None
     return h + total.to(h.dtype)
