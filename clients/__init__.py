@@ -60,6 +60,8 @@ from clients.types import (
     StreamEvent,
     SweepPoint,
     SweepResponse,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -72,7 +74,8 @@ __all__ = [
     "Ngram", "Control", "Ablate", "Clamp", "Schedule", "Tokens", "After", "Fusion", "Margin",
     "LogitBias", "SteeringLike", "contrast_pairs",
     "SweepResult", "SweepRow", "token_overlap", "distinct_n",
-    "GenerateRequest", "GenerateResponse", "StreamEvent", "Usage", "SweepPoint",
+    "GenerateRequest", "GenerateResponse", "StreamEvent", "Usage", "TokenLogprob",
+    "TopLogprob", "SweepPoint",
     "SweepResponse", "Prior", "PriorList", "CorpusList", "ControlVector",
     "ControlVectorList", "Deleted", "ModelCard", "ModelList", "Health", "Receipt",
     "ReceiptEntry", "ReceiptLayer",
