@@ -1,8 +1,10 @@
 """Control-vector benchmark on the embedded model (SmolLM2-135M-Instruct), in one run.
 
 (1) decode step-time ratio, a vector on **all** 30 blocks vs unsteered, at batch 1 and
-    batch 8 (target ≤ 1.05×): rounds interleave the two variants; ratios are of medians
-    of the per-token time of a fixed-length greedy decode (``ignore_eos``).
+    batch 8 (target ≤ 1.05×); at batch 8 also the same entry with an α schedule vs the
+    plain entry, and a directional ablation vs unsteered (targets ≤ 1.05×). Receipts are
+    always on. Rounds interleave the variants; ratios are of medians of the per-token
+    time of a fixed-length greedy decode (``ignore_eos``).
 (2) an α sweep of a happy-vs-sad vector (20 template pairs, ``pca_diff``) over a handful
     of chat prompts: KL(P_unsteered ‖ P_steered) on the first token and averaged,
     entropy of the steered distribution, and a word-list sentiment score — printed as a
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import EMBEDDED, machine, report_ratio  # noqa: E402
 from processors.base import ProcessorEnv  # noqa: E402
+from processors.control import build_phase, control_specs  # noqa: E402
 from processors.stack import parse_stack  # noqa: E402
 from server.api.vectors import VectorCreate, extract_vector  # noqa: E402
 from server.engine import (  # noqa: E402
@@ -36,6 +39,7 @@ from server.engine import (  # noqa: E402
     SamplingParams,
     TokenEvent,
 )
+from server.engine.runner import forward_last_logits  # noqa: E402
 from server.loading import load_model  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
@@ -92,12 +96,67 @@ def run_batch(engine: Engine, reqs: list[GenerationRequest]) -> tuple[float, lis
     return time.perf_counter() - t0, out
 
 
+def forward_overhead(engine: Engine, reqs: list[GenerationRequest],
+                     variants: dict[str, list[dict[str, Any]]], env: ProcessorEnv,
+                     reps: int) -> list[str]:
+    """Time one batch-8 decode forward per variant, alternating variant by variant so
+    that the shared machine's load drifts equally over all of them (the cache is cropped
+    back after each forward). Returns Markdown rows and reports the ratios."""
+    runner = engine.runner
+    dev = runner.device
+    prompts = [r.prompt_ids for r in reqs]
+    phases: dict[str, Any] = {}
+    for name, steer in variants.items():
+        specs = control_specs(parse_stack(steer, env, max_len=4)) if steer else ()
+        phases[name] = build_phase([specs] * len(prompts), "generated", dev,
+                                   prompt_lens=[len(p) for p in prompts])
+    cache, mask, _, logits = runner.prefill(prompts)
+    tokens = logits.argmax(dim=-1)  # (B,)
+    mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+    positions = (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    with torch.inference_mode():
+        for rep in range(reps + 2):  # two warm-up rounds
+            for name in variants:
+                phase = phases[name]
+                t0 = time.perf_counter()
+                with runner.hooks.steering(phase, mask, positions):
+                    forward_last_logits(runner.model, tokens.view(-1, 1), mask, positions,
+                                        cache)
+                if phase is not None and phase.stats:
+                    names = sorted(phase.stats)
+                    torch.stack([phase.stats[k] for k in names], dim=1).double().tolist()
+                dt = time.perf_counter() - t0
+                cache.crop(-1)
+                if rep >= 2:
+                    times[name].append(dt)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    report_ratio("forward: plain control + receipts vs unsteered, batch 8",
+                 med["on"] / med["off"], "<=", 1.05)
+    report_ratio("forward: control schedule + receipts vs plain control, batch 8",
+                 med["schedule"] / med["on"], "<=", 1.05)
+    report_ratio("forward: ablation vs unsteered, batch 8", med["ablate"] / med["off"],
+                 "<=", 1.05)
+    return [
+        f"| unsteered | {1000 * med['off']:.1f} | 1.000× |",
+        f"| plain control (α = 0.5) | {1000 * med['on']:.1f} | "
+        f"{med['on'] / med['off']:.3f}× unsteered |",
+        f"| schedule (cosine 0.5 → 0.1 over 16) | {1000 * med['schedule']:.1f} | "
+        f"{med['schedule'] / med['on']:.3f}× plain control |",
+        f"| ablate (strength 1) | {1000 * med['ablate']:.1f} | "
+        f"{med['ablate'] / med['off']:.3f}× unsteered |",
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--sweep-tokens", type=int, default=40)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--overhead-only", action="store_true", help="skip the α sweep")
+    ap.add_argument("--forward-reps", type=int, default=40,
+                    help="timed single decode forwards per variant")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     bundle = load_model(EMBEDDED, Settings().data_dir)
@@ -122,24 +181,59 @@ def main() -> None:
                                  SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
                                  parse_stack(steering, env, max_len=4), diag)  # type: ignore[arg-type]
 
-    # (1) overhead: all layers, small α (timing only)
-    all_layers = [{"type": "control", "vector": "mood", "alpha": 0.5}]
+    # (1) overhead: all layers, small α (timing only). Receipts are always on, so "plain"
+    # includes them; at batch 8 also the same entry with a schedule, and an ablation.
+    variants: dict[str, list[dict[str, Any]]] = {
+        "off": [],
+        "on": [{"type": "control", "vector": "mood", "alpha": 0.5}],
+        "schedule": [{"type": "control", "vector": "mood",
+                      "alpha": {"start": 0.5, "end": 0.1, "over": 16, "shape": "cosine"}}],
+        "ablate": [{"type": "control", "vector": "mood", "mode": "ablate", "strength": 1.0}],
+    }
     lines = []
+    extra: list[str] = []
     for B in (1, 8):
-        times: dict[str, list[float]] = {"off": [], "on": []}
+        names = ["off", "on"] if B == 1 else list(variants)
+        times: dict[str, list[float]] = {k: [] for k in names}
         run_batch(engine, [req(PROMPTS[0], [], 4)] * B)  # warm-up
         for _ in range(args.rounds):
-            for name, steer in (("off", []), ("on", all_layers)):
-                reqs = [req(PROMPTS[i % len(PROMPTS)], steer, args.tokens, rid=f"{name}{i}")
-                        for i in range(B)]
+            for name in names:  # interleaved: one run of every variant per round
+                reqs = [req(PROMPTS[i % len(PROMPTS)], variants[name], args.tokens,
+                            rid=f"{name}{i}") for i in range(B)]
                 wall, _ = run_batch(engine, reqs)
                 times[name].append(wall / args.tokens)
-        off, on = statistics.median(times["off"]), statistics.median(times["on"])
+        med = {k: statistics.median(v) for k, v in times.items()}
+        off, on = med["off"], med["on"]
         lines.append(f"| {B} | {1000 * off:.1f} | {1000 * on:.1f} | {on / off:.3f}× |")
         report_ratio(f"control vector on all blocks, batch {B}", on / off, "<=", 1.05)
+        if B == 8:
+            sched, abl = med["schedule"], med["ablate"]
+            report_ratio("control schedule + receipts vs plain control, batch 8", sched / on,
+                         "<=", 1.05)
+            report_ratio("ablation on all blocks vs unsteered, batch 8", abl / off, "<=", 1.05)
+            extra = [f"| schedule (cosine 0.5 → 0.1 over 16) | {1000 * sched:.1f} | "
+                     f"{sched / on:.3f}× plain control |",
+                     f"| ablate (strength 1) | {1000 * abl:.1f} | {abl / off:.3f}× unsteered |"]
     print("\n## Step-time overhead (vector on all 30 blocks vs unsteered; medians)\n")
     print("| batch | unsteered ms/token | steered ms/token | ratio |\n|---|---|---|---|")
     print("\n".join(lines))
+    print("\nBatch 8, same rounds (receipts are always on, in the plain control row too):\n")
+    print("| entry on all 30 blocks | ms/token | ratio |\n|---|---|---|")
+    print("\n".join(extra))
+    lines += ["", "| entry on all 30 blocks, batch 8 | ms/token | ratio |", "|---|---|---|",
+              *extra]
+    fwd = forward_overhead(engine, [req(PROMPTS[i % len(PROMPTS)], v, 1) for i in range(8)
+                                    for v in [[]]], variants, env, args.forward_reps)
+    print(f"\nSingle decode forwards at batch 8, variants alternating forward by forward "
+          f"({args.forward_reps} each; the receipt variants include packing and reading "
+          "their stats to the host):\n")
+    print("| entry on all 30 blocks | ms/forward | ratio |\n|---|---|---|")
+    print("\n".join(fwd))
+    lines += ["", "| single decode forward, batch 8 | ms/forward | ratio |", "|---|---|---|",
+              *fwd]
+    if args.overhead_only:
+        engine.stop()
+        return
 
     # (2) α sweep on STEER_LAYERS
     rows = []

@@ -27,12 +27,17 @@ from clients.exceptions import (
     SteerError,
 )
 from clients.steering import (
+    Ablate,
+    After,
+    Clamp,
     Control,
     Fusion,
     LogitBias,
     Margin,
     Ngram,
+    Schedule,
     SteeringLike,
+    Tokens,
     contrast_pairs,
 )
 from clients.streaming import AsyncStream, Stream
@@ -49,6 +54,9 @@ from clients.types import (
     ModelList,
     Prior,
     PriorList,
+    Receipt,
+    ReceiptEntry,
+    ReceiptLayer,
     StreamEvent,
     SweepPoint,
     SweepResponse,
@@ -63,10 +71,12 @@ __all__ = [
     "SteerError", "APIConnectionError", "APITimeoutError", "APIStatusError",
     "BadRequestError", "AuthenticationError", "NotFoundError", "ConflictError",
     "PayloadTooLargeError", "RateLimitError", "InternalServerError", "ServiceUnavailableError",
-    "Ngram", "Control", "Fusion", "Margin", "LogitBias", "SteeringLike", "contrast_pairs",
+    "Ngram", "Control", "Ablate", "Clamp", "Schedule", "Tokens", "After", "Fusion", "Margin",
+    "LogitBias", "SteeringLike", "contrast_pairs",
     "SweepResult", "SweepRow", "token_overlap", "distinct_n",
     "GenerateRequest", "GenerateResponse", "StreamEvent", "Usage", "TokenLogprob",
     "TopLogprob", "SweepPoint",
     "SweepResponse", "Prior", "PriorList", "CorpusList", "ControlVector",
-    "ControlVectorList", "Deleted", "ModelCard", "ModelList", "Health",
+    "ControlVectorList", "Deleted", "ModelCard", "ModelList", "Health", "Receipt",
+    "ReceiptEntry", "ReceiptLayer",
 ]

@@ -26,8 +26,19 @@ from typing import Any
 from clients import _format as fmt
 from clients.client import SteerClient
 from clients.exceptions import APIStatusError, SteerError
-from clients.steering import Control, LogitBias, Margin, Ngram, SteeringLike
-from clients.types import ContrastPair
+from clients.steering import (
+    Ablate,
+    After,
+    Control,
+    LogitBias,
+    Margin,
+    Ngram,
+    PositionsLike,
+    Schedule,
+    SteeringLike,
+    Tokens,
+)
+from clients.types import ContrastPair, Receipt
 
 Handler = Callable[[SteerClient, argparse.Namespace], int]
 
@@ -107,8 +118,16 @@ def steering_from(args: argparse.Namespace, *, lam_default: float = 0.1) -> list
         if not isinstance(entry, dict):
             raise ValueError(f"--steering must be a JSON object, got {raw!r}")
         stack.append(entry)
+    positions = control_positions(args)
+    for name in getattr(args, "ablate", None) or []:
+        stack.append(Ablate(vector=name, strength=args.ablate_strength, layers=args.layers,
+                            positions=positions))
     if args.vector:
-        stack.append(Control(vector=args.vector, alpha=args.alpha, layers=args.layers))
+        alpha: float | Schedule = args.alpha
+        if getattr(args, "alpha_schedule", None):
+            alpha = args.alpha_schedule
+        stack.append(Control(vector=args.vector, alpha=alpha, layers=args.layers,
+                             positions=positions))
     if args.prior:
         lam = args.lam if args.lam is not None else lam_default
         stack.append(Ngram(prior=args.prior, lam=lam, scale=args.scale))
@@ -119,6 +138,44 @@ def steering_from(args: argparse.Namespace, *, lam_default: float = 0.1) -> list
     return stack
 
 
+def control_positions(args: argparse.Namespace) -> PositionsLike:
+    """``--positions`` / ``--window FROM[:TO]`` / ``--after TEXT`` (at most one)."""
+    window, after = getattr(args, "window", None), getattr(args, "after", None)
+    given = [x for x in (window, after) if x is not None]
+    if len(given) + (getattr(args, "positions", None) is not None) > 1:
+        raise ValueError("give at most one of --positions, --window and --after")
+    if window is not None:
+        return window
+    if after is not None:
+        return After(after)
+    return getattr(args, "positions", None) or "all"
+
+
+def schedule_arg(text: str) -> Schedule:
+    """``START:END:OVER[:SHAPE]``, e.g. ``2:0:16:cosine``."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4):
+        raise argparse.ArgumentTypeError(f"expected START:END:OVER[:SHAPE], got {text!r}")
+    try:
+        start, end, over = float(parts[0]), float(parts[1]), int(parts[2])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END:OVER[:SHAPE], got {text!r}"
+                                         ) from None
+    shape = parts[3] if len(parts) == 4 else "linear"
+    if shape not in ("linear", "cosine", "exp"):
+        raise argparse.ArgumentTypeError(f"SHAPE must be linear, cosine or exp, got {shape!r}")
+    return Schedule(start, end, over, shape)  # type: ignore[arg-type]  # checked above
+
+
+def window_arg(text: str) -> Tokens:
+    """``FROM[:TO]`` generated-token indices (``TO`` exclusive, optional)."""
+    lo, _, hi = text.partition(":")
+    try:
+        return Tokens(int(lo), int(hi) if hi else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FROM[:TO], got {text!r}") from None
+
+
 def sampling_from(args: argparse.Namespace) -> dict[str, Any]:
     """Sampling flags that were given (the rest take the server's defaults)."""
     names = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
@@ -127,6 +184,26 @@ def sampling_from(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "diagnostics", None):
         out["diagnostics"] = True if args.diagnostics == "summary" else args.diagnostics
     return out
+
+
+def receipt_table(receipt: Receipt) -> str:
+    """One line per (entry, layer): positions acted on and ‖Δh‖/‖h‖ mean/max."""
+    rows = []
+    for e in receipt.entries:
+        for layer, v in e.per_layer.items():
+            rows.append({
+                "entry": e.index, "vector": e.vector, "mode": e.mode, "layer": layer,
+                "prompt": e.prompt_positions, "generated": e.generated_positions,
+                "delta_mean": _num(v.delta_mean), "delta_max": _num(v.delta_max),
+                "component_mean": _num(v.component_mean),
+            })
+    cols = ["entry", "vector", "mode", "layer", "prompt", "generated", "delta_mean",
+            "delta_max", "component_mean"]
+    return "receipt:\n" + fmt.table(rows, cols)
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
 
 
 # ----------------------------------------------------------------------------- commands
@@ -161,6 +238,8 @@ def cmd_generate(client: SteerClient, args: argparse.Namespace) -> int:
     text = r.text
     if r.diagnostics:
         text += "\n\n" + fmt.keyvalues(r.diagnostics)
+    if r.receipt is not None:
+        text += "\n\n" + receipt_table(r.receipt)
     emit(args, dump(r), text)
     if not args.json:
         u = r.usage
@@ -314,6 +393,18 @@ def _steering(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vector", help="control vector NAME")
     g.add_argument("--alpha", type=float, default=1.0, help="control vector strength")
     g.add_argument("--layers", type=ints, help="control vector layers, e.g. 3,4,5")
+    g.add_argument("--alpha-schedule", type=schedule_arg, metavar="START:END:OVER[:SHAPE]",
+                   help="control strength over generated tokens (replaces --alpha)")
+    g.add_argument("--positions", choices=["all", "prompt", "generated"],
+                   help="control positions (default all)")
+    g.add_argument("--window", type=window_arg, metavar="FROM[:TO]",
+                   help="control only generated tokens FROM..TO-1 (0 = first)")
+    g.add_argument("--after", metavar="TEXT",
+                   help="control only after the generated text contains TEXT")
+    g.add_argument("--ablate", action="append", metavar="NAME",
+                   help="ablate the direction of control vector NAME (repeatable)")
+    g.add_argument("--ablate-strength", type=float, default=1.0, metavar="S",
+                   help="ablation strength in [0, 1] (default 1: remove the component)")
     g.add_argument("--logit-bias", type=bias_arg, action="append", metavar="ID=VALUE")
     g.add_argument("--margin", type=float, nargs=2, metavar=("TAU", "GAMMA"),
                    help="margin calibration, placed last")

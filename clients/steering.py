@@ -56,15 +56,126 @@ class Ngram(_Entry):
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """A strength over generated tokens: from ``start`` to ``end`` in ``over`` tokens,
+    then constant (``shape``: ``linear``, ``cosine`` or ``exp``).
+
+    >>> Schedule(2.0, 0.0, 16, "cosine").to_wire()
+    {'start': 2.0, 'end': 0.0, 'over': 16, 'shape': 'cosine'}
+    """
+
+    start: float
+    end: float
+    over: int
+    shape: Literal["linear", "cosine", "exp"] = "linear"
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object of ``alpha``."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A window of generated-token indices ``[start, stop)`` (0 = the first generated
+    token; ``stop`` None = open-ended).
+
+    >>> Tokens(4).to_wire(), Tokens(0, 8).to_wire()
+    ({'from': 4}, {'from': 0, 'to': 8})
+    """
+
+    start: int
+    stop: int | None = None
+
+    def to_wire(self) -> dict[str, int]:
+        """The JSON object of ``positions``."""
+        return {"from": self.start, **({"to": self.stop} if self.stop is not None else {})}
+
+
+@dataclass(frozen=True)
+class After:
+    """Generated positions from the token that completes ``text`` in the output on.
+
+    >>> After("</think>").to_wire()
+    {'after': '</think>'}
+    """
+
+    text: str
+
+    def to_wire(self) -> dict[str, str]:
+        """The JSON object of ``positions``."""
+        return {"after": self.text}
+
+
+PositionsLike = Literal["all", "prompt", "generated"] | Tokens | After
+
+
+def _wire_value(value: Any) -> Any:
+    """Nested builders (Schedule, Tokens, After) as their JSON."""
+    return value.to_wire() if hasattr(value, "to_wire") else value
+
+
+@dataclass(frozen=True)
 class Control(_Entry):
-    """Control vector: ``h_ℓ += alpha · v_ℓ`` at the chosen layers and positions."""
+    """Control vector: ``h_ℓ += alpha · v_ℓ`` at the chosen layers and positions.
+
+    ``alpha`` is a number or a :class:`Schedule`; ``positions`` a string, :class:`Tokens`
+    or :class:`After`.
+
+    >>> Control("mood", Schedule(2.0, 0.0, 8), positions=Tokens(2)).to_wire()["alpha"]
+    {'start': 2.0, 'end': 0.0, 'over': 8, 'shape': 'linear'}
+    """
 
     type_name: ClassVar[str] = "control"
     vector: str
-    alpha: float
+    alpha: float | Schedule
     layers: Sequence[int] | None = None
-    positions: Literal["all", "prompt", "generated"] = "all"
+    positions: PositionsLike = "all"
     preserve_norm: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object, with nested builders serialized."""
+        return {k: _wire_value(v) for k, v in super().to_wire().items()}
+
+
+@dataclass(frozen=True)
+class Ablate(_Entry):
+    """Directional ablation: ``h ← h − strength · (h·û) û`` with ``û = v_ℓ / ‖v_ℓ‖``
+    (``strength`` in [0, 1]; 1 removes the component along the vector).
+
+    >>> Ablate("refusal", layers=[10, 11]).to_wire()
+    {'type': 'control', 'vector': 'refusal', 'strength': 1.0, 'layers': [10, 11], \
+'positions': 'all', 'mode': 'ablate'}
+    """
+
+    type_name: ClassVar[str] = "control"
+    vector: str
+    strength: float = 1.0
+    layers: Sequence[int] | None = None
+    positions: PositionsLike = "all"
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object (``mode: "ablate"``)."""
+        out = {k: _wire_value(v) for k, v in super().to_wire().items()}
+        out["mode"] = "ablate"
+        return out
+
+
+@dataclass(frozen=True)
+class Clamp(_Entry):
+    """Set the component along ``û = v_ℓ / ‖v_ℓ‖`` to ``value``:
+    ``h ← h + (value − h·û) û``."""
+
+    type_name: ClassVar[str] = "control"
+    vector: str
+    value: float
+    layers: Sequence[int] | None = None
+    positions: PositionsLike = "all"
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON object (``mode: "clamp"``)."""
+        out = {k: _wire_value(v) for k, v in super().to_wire().items()}
+        out["mode"] = "clamp"
+        return out
 
 
 @dataclass(frozen=True)
@@ -112,7 +223,7 @@ class LogitBias(_Entry):
         return {"type": self.type_name, "bias": {str(k): v for k, v in self.bias.items()}}
 
 
-SteeringLike = Ngram | Control | Fusion | Margin | LogitBias | Mapping[str, Any]
+SteeringLike = Ngram | Control | Ablate | Clamp | Fusion | Margin | LogitBias | Mapping[str, Any]
 
 
 def steering_to_wire(entry: SteeringLike) -> dict[str, Any]:

@@ -110,6 +110,7 @@ class _Reader:
             id=last.id, model=last.model, text="".join(self.text), token_ids=self.token_ids,
             finish_reason=last.finish_reason, usage=last.usage, diagnostics=last.diagnostics,
             logprobs=self.logprobs, warnings=last.warnings,
+            receipt=last.receipt,
         )
 
 

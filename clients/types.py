@@ -138,6 +138,36 @@ class TokenLogprob(_Response):
     top: list[TopLogprob] = Field(default_factory=list)
 
 
+class ReceiptLayer(_Response):
+    """One touched layer of a receipt entry: the relative size of the intervention
+    ``‖Δh‖/‖h‖`` (mean and max over the positions it acted on; None if none) and, for
+    ``ablate``/``clamp``, of the component along the direction before the edit."""
+
+    delta_mean: float | None = None
+    delta_max: float | None = None
+    component_mean: float | None = None
+    component_max: float | None = None
+
+
+class ReceiptEntry(_Response):
+    """What one control entry did: where (layers, positions) and how much."""
+
+    index: int
+    vector: str
+    mode: str
+    positions: Any = None
+    layers: list[int]
+    prompt_positions: int
+    generated_positions: int
+    per_layer: dict[str, ReceiptLayer]
+
+
+class Receipt(_Response):
+    """The steering receipt of a response with control entries (docs/control.md)."""
+
+    entries: list[ReceiptEntry]
+
+
 class GenerateResponse(_Response):
     """The answer of a non-streaming ``POST /v1/generate``."""
 
@@ -152,6 +182,7 @@ class GenerateResponse(_Response):
     logprobs: list[TokenLogprob] | None = None
     #: Legal but probably unintended request settings the server noticed.
     warnings: list[str] | None = None
+    receipt: Receipt | None = None
 
 
 class StreamEvent(_Response):
@@ -167,6 +198,7 @@ class StreamEvent(_Response):
     diagnostics: JSON | None = None
     logprobs: list[TokenLogprob] | None = None
     warnings: list[str] | None = None
+    receipt: Receipt | None = None
 
 
 # --------------------------------------------------------------------------- sweep

@@ -111,6 +111,9 @@ class GenerateResponse(BaseModel):
     finish_reason: str
     usage: Usage
     diagnostics: dict[str, Any] | None = None
+    receipt: dict[str, Any] | None = Field(
+        None, description="Steering receipt of the control entries (see docs/control.md)."
+    )
     logprobs: list[TokenLogprob] | None = Field(
         None, description="One entry per token of token_ids (when logprobs was set)."
     )
@@ -130,6 +133,7 @@ class StreamEvent(BaseModel):
     finish_reason: str | None = None
     usage: Usage | None = None
     diagnostics: dict[str, Any] | None = None
+    receipt: dict[str, Any] | None = None
     logprobs: list[TokenLogprob] | None = None
     warnings: list[str] | None = None
 

@@ -105,6 +105,7 @@ async def collect(
                     total_tokens=ev.prompt_tokens + ev.completion_tokens,
                 ),
                 diagnostics=ev.diagnostics,
+                receipt=ev.receipt,
                 logprobs=logprobs,
                 warnings=list(warnings) or None,
             )
@@ -136,6 +137,7 @@ async def _stream_frames(
                         total_tokens=ev.prompt_tokens + ev.completion_tokens,
                     ),
                     diagnostics=ev.diagnostics,
+                    receipt=ev.receipt,
                     warnings=list(warnings) or None,
                 ))
             else:
@@ -149,7 +151,7 @@ async def _stream_frames(
 def stream_frame(event: StreamEvent) -> bytes:
     """One ``StreamEvent`` as an SSE frame: ``finish_reason`` is always present (``null``
     until the last frame); the optional extras only when set."""
-    extras = ("usage", "diagnostics", "logprobs", "warnings")
+    extras = ("usage", "diagnostics", "receipt", "logprobs", "warnings")
     return sse(event.model_dump(exclude={k for k in extras if getattr(event, k) is None}))
 
 

@@ -9,10 +9,17 @@ behind, and another thread's forward (an extraction request, a second engine ove
 same model) never sees it. With no phase set, each hook returns at once and the block's
 output is untouched (``None`` from a forward hook keeps the output as it is).
 
-Block ``ℓ``'s output ``h (B, T, D)`` becomes ``h + delta_ℓ (B, 1, D)`` — in prefill
-(``T`` = the padded prompt length) and in decode (``T = 1``) alike; rows without a delta
-for ``ℓ`` have zeros there. Left-padded positions get the delta too, which is harmless:
-they are never attended and their outputs are discarded.
+Block ``ℓ``'s output ``h (B, T, D)`` goes through ``processors.control.apply_layer`` —
+in prefill (``T`` = the padded prompt length) and in decode (``T = 1``) alike: the
+row's ablations, then its additions, computed in float32 and added once; rows without
+an entry at ``ℓ`` pass through unchanged. ``steering`` also hands the forward's attention
+mask (prefill: receipts count real prompt positions only) and position ids (decode: a
+row's generated index ``t`` is its position minus its prompt length, which windows and
+schedules read) to the phase.
+
+:class:`ReceiptBook` and :class:`RowControl` are the engine's side of the receipts and of
+``after`` triggers: per-forward stats travel with the step's one host copy into each
+row's records, and ``summarize_receipt`` turns them into the response's ``receipt``.
 
 :meth:`ControlHooks.capture` records the last position's output of chosen blocks (the
 states control vectors are extracted from), through the same hooks, so extraction and
@@ -24,13 +31,22 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from processors.control import PhaseDeltas, apply_delta
+from processors.control import (
+    AfterWatch,
+    ControlSpec,
+    PhaseDeltas,
+    apply_layer,
+    control_indices,
+    control_specs,
+    summarize_receipt,
+)
 
 _ATTR = "_steerserve_control_hooks"
 
@@ -92,17 +108,32 @@ class ControlHooks:
         self._handles = []
 
     @contextlib.contextmanager
-    def steering(self, phase: PhaseDeltas | None) -> Iterator[None]:
-        """Apply ``phase`` to forwards run by this thread inside the block."""
+    def steering(
+        self,
+        phase: PhaseDeltas | None,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> Iterator[None]:
+        """Apply ``phase`` to forwards run by this thread inside the block.
+
+        Args:
+            phase: the per-row entries (None: nothing to do).
+            mask: ``(B, T)`` attention mask of the forward (prefill: only real prompt
+                positions count in the receipts).
+            positions: ``(B, T)`` position ids (decode: ``T = 1``; the fed token's
+                generated index is its position minus the prompt length).
+        """
         if phase is None:
             yield
             return
+        phase.begin(mask, positions[:, -1:] if positions is not None else None)
         self._local.phase = phase
         self.calls += 1
         try:
             yield
         finally:
             self._local.phase = None
+        phase.finish()
 
     @contextlib.contextmanager
     def capture(self, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
@@ -128,10 +159,8 @@ class ControlHooks:
             return None  # nobody steers: leave the block's output alone
         h = output[0] if isinstance(output, tuple) else output  # (B, T, D)
         out = h
-        if phase is not None:
-            delta = phase.deltas.get(idx)
-            if delta is not None:
-                out = apply_delta(h, delta, phase.preserve.get(idx))
+        if phase is not None and idx in phase.by_layer:
+            out = apply_layer(phase, idx, h)
         if cap is not None and idx in cap.layers:
             cap.states[idx] = out[:, -1, :].detach().float().clone()
         if out is h:
@@ -139,4 +168,112 @@ class ControlHooks:
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
 
-__all__ = ["ControlHooks", "decoder_layers"]
+@dataclass
+class RowControl:
+    """The engine's control bookkeeping for one row.
+
+    Attributes:
+        specs: the row's control entries, in order.
+        indices: their positions in the request's ``steering`` list.
+        watch: the row's ``after`` triggers (None when no entry waits for a marker).
+        records: one ``{stat: value}`` dict per forward the row took part in (receipts).
+    """
+
+    specs: tuple[ControlSpec, ...]
+    indices: tuple[int, ...]
+    watch: AfterWatch | None
+    records: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, steering: Sequence[Any]) -> RowControl | None:
+        """The state of a request with control entries (None without any)."""
+        specs = control_specs(steering)
+        if not specs:
+            return None
+        return cls(specs, control_indices(steering), AfterWatch.of(specs))
+
+    def receipt(self) -> dict[str, Any] | None:
+        """The steering receipt from the records so far."""
+        return summarize_receipt(self.records, self.specs, self.indices)
+
+
+def _stat_matrix(stats: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor]:
+    """Stat names and the ``(B, S)`` float64 matrix of their values."""
+    names = sorted(stats)
+    return names, torch.stack([stats[k] for k in names], dim=1).double()
+
+
+class ReceiptBook:
+    """Carries the hooks' per-forward stats to the rows' records with the step's one
+    host copy.
+
+    A decode forward's stats (``phase.stats``) are read with the *next* step's host
+    transfer, which also carries that step's tokens (:meth:`columns` / :meth:`record`).
+    When the composition changed in between (rows joined or left) the pending stats are
+    read on their own at that step (composition changes are rare) and given to the rows
+    still present; a row dropped by cancellation or timeout loses its last forward's
+    stats. Prefill stats are read once per admitted group.
+    """
+
+    def __init__(self) -> None:
+        self._pending: tuple[list[int], list[str], torch.Tensor] | None = None
+        self.names: list[str] = []
+
+    def after_prefill(
+        self, phase: PhaseDeltas | None, owner: Sequence[int], states: Sequence[RowControl | None]
+    ) -> None:
+        """Give new row ``i`` the prefill stats of forward row ``owner[i]``."""
+        if phase is None or not phase.stats or not any(states):
+            return
+        names, mat = _stat_matrix(phase.stats)
+        host = mat.tolist()  # one transfer per admitted group
+        for st, o in zip(states, owner, strict=True):
+            if st is not None:
+                st.records.append(_record(names, host[o]))
+
+    def after_decode(self, phase: PhaseDeltas | None, keys: Sequence[int]) -> None:
+        """Hold the decode forward's stats for rows ``keys`` until the next host copy."""
+        if phase is None or not phase.stats:
+            self._pending = None
+            return
+        names, mat = _stat_matrix(phase.stats)
+        self._pending = (list(keys), names, mat)
+
+    def columns(
+        self, keys: Sequence[int], states: Sequence[RowControl | None]
+    ) -> list[torch.Tensor]:
+        """The pending ``(B, S)`` stats to append to this step's host copy (``[]`` when
+        none, or when the rows changed: then they are read and recorded right here)."""
+        pending, self._pending = self._pending, None
+        self.names = []
+        if pending is None:
+            return []
+        old, names, mat = pending
+        if old == list(keys):
+            self.names = names
+            return [mat]
+        host = mat.tolist()
+        where = {k: i for i, k in enumerate(old)}
+        for k, st in zip(keys, states, strict=True):
+            if st is not None and k in where:
+                st.records.append(_record(names, host[where[k]]))
+        return []
+
+    def record(
+        self, states: Sequence[RowControl | None], host: Sequence[Sequence[float]], at: int
+    ) -> None:
+        """Append each row's values from host columns ``at …`` (after :meth:`columns`)."""
+        if not self.names:
+            return
+        end = at + len(self.names)
+        for st, row in zip(states, host, strict=True):
+            if st is not None:
+                st.records.append(_record(self.names, row[at:end]))
+
+
+def _record(names: Sequence[str], values: Sequence[float]) -> dict[str, float]:
+    """``{name: value}`` without the NaN entries (stats that do not apply to the row)."""
+    return {k: v for k, v in zip(names, values, strict=True) if v == v}
+
+
+__all__ = ["ControlHooks", "ReceiptBook", "RowControl", "decoder_layers"]

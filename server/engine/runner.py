@@ -59,7 +59,7 @@ class ModelRunner:
         cache: DynamicCache,
         phase: PhaseDeltas | None = None,
     ) -> torch.Tensor:
-        with self.hooks.steering(phase):
+        with self.hooks.steering(phase, mask, positions):
             return forward_last_logits(self.model, input_ids, mask, positions, cache)
 
     @torch.inference_mode()

@@ -29,6 +29,7 @@ from processors.stack import ProcessorStack
 from server.engine.aux import AuxPool
 from server.engine.batch import BatchState, layer_kv, set_layer_kv
 from server.engine.detok import IncrementalDetokenizer
+from server.engine.hooks import ReceiptBook, RowControl
 from server.engine.observer import EngineObserver
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler, SamplerRow, make_generator
@@ -82,6 +83,7 @@ class _Row:
     steps: list[dict[str, float]] = field(default_factory=list)
     finish: FinishReason | None = None
     last_token_at: float = 0.0  # time.monotonic() of the previous emitted token
+    control: RowControl | None = None  # control entries: receipt records, after-triggers
 
     @property
     def request(self) -> GenerationRequest:
@@ -127,6 +129,7 @@ class Engine:
         self.batch = BatchState(self.vocab_size, self.device)
         self.twins = UnsteeredTwins(self.runner, self.vocab_size, self.device)
         self._decode_phase: Any = None  # control-vector deltas of decode steps (PhaseDeltas)
+        self.receipts = ReceiptBook()  # control stats -> rows' records, with the host copy
         self.stack = ProcessorStack(
             self.device,
             self.vocab_size,
@@ -323,7 +326,9 @@ class Engine:
                 seed = int.from_bytes(os.urandom(8), "little") >> 1
             gen = None if req.sampling.greedy else make_generator(seed, self.device)
             detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.sampling.stop)
-            self.rows.append(_Row(handle, sink, detok, SamplerRow(req.sampling, gen, 0)))
+            self.rows.append(_Row(handle, sink, detok, SamplerRow(req.sampling, gen, 0),
+                                  control=RowControl.of(req.steering)))
+        self.receipts.after_prefill(phase, owner, [r.control for r in self.rows[-len(new):]])
         self.aux.prefill([id(r.handle) for r in self.rows], [(id(h), h.request) for h, _ in new])
         self._dirty = True
 
@@ -334,7 +339,9 @@ class Engine:
             [control_specs(r.request.steering) for r in self.rows],
             "generated",
             self.device,
-            self.runner.dtype,
+            prompt_lens=[len(r.request.prompt_ids) for r in self.rows],
+            triggered=[r.control.watch.fired if r.control and r.control.watch else ()
+                       for r in self.rows],
         )
         self.sampler.update_state([r.sampler_row for r in self.rows])
         if self.sampler.any_rep:
@@ -365,7 +372,10 @@ class Engine:
         # Logprobs only when some row asks: log_softmax of the steered logits, the
         # emitted token's value and the top-k, shipped in the same host transfer.
         lp_cols = self._logprob_cols(steered, tokens) if self._logprobs_k is not None else []
-        if self._any_diag or lp_cols:
+        # Receipts: the previous decode forward's control stats ride in the same copy.
+        rc_cols = self.receipts.columns([id(r.handle) for r in self.rows],
+                                        [r.control for r in self.rows])
+        if self._any_diag or lp_cols or rc_cols:
             cols = [tokens.double().view(-1, 1)]
         if self._any_diag:
             stats = step_stats(base, steered, tokens)
@@ -378,9 +388,11 @@ class Engine:
             names = list(STEP_STAT_NAMES) + extra
             cols.append(stats.double())
             cols += [ctx.stats[k].double().view(-1, 1) for k in extra]
-        if self._any_diag or lp_cols:
-            host = torch.cat(cols + lp_cols, dim=1).tolist()  # the one host transfer
+        if self._any_diag or lp_cols or rc_cols:
+            host = torch.cat(cols + lp_cols + rc_cols, dim=1).tolist()  # the one host transfer
             host_tokens = [int(r[0]) for r in host]
+            rc_at = sum(c.shape[1] for c in cols + lp_cols)
+            self.receipts.record([r.control for r in self.rows], host, rc_at)
         else:
             host_tokens = tokens.tolist()  # the one host transfer of this step
         self.steps += 1
@@ -401,6 +413,10 @@ class Engine:
                 )
                 lp = TokenLogprob(vals[0], top)
             self._advance_row(row, token, now, lp)
+            if row.finish is None and row.control is not None and row.control.watch:
+                for k in row.control.watch.scan(row.detok.text):  # "after" markers
+                    if self._decode_phase is not None:
+                        self._decode_phase.trigger(b, k, row.control.specs)
             if row.finish is None:
                 keep.append(b)
         if len(keep) != len(self.rows):
@@ -416,6 +432,7 @@ class Engine:
                 self._rebuild()
             self.batch.append_tokens(tokens)
             self.batch.next_logits = self.runner.decode(self.batch, tokens, self._decode_phase)
+            self.receipts.after_decode(self._decode_phase, [id(r.handle) for r in self.rows])
             self.twins.decode(tokens)
             if self.aux.active:  # same tokens, each auxiliary model's own rows and cache
                 self.aux.decode([id(r.handle) for r in self.rows], tokens)
@@ -481,9 +498,11 @@ class Engine:
                     for k in (row.steps[0] if row.steps else {})
                 }
                 diag["per_step"]["token_id"] = list(row.output[: len(row.steps)])
+        receipt = row.control.receipt() if row.control is not None else None
         self._emit(
             row.sink,
-            FinishEvent(reason, text, len(row.request.prompt_ids), len(row.output), diag),
+            FinishEvent(reason, text, len(row.request.prompt_ids), len(row.output), diag,
+                        receipt),
         )
 
     def _drop_cancelled(self) -> None:

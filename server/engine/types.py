@@ -100,6 +100,9 @@ class FinishEvent:
     prompt_tokens: int
     completion_tokens: int
     diagnostics: dict[str, Any] | None = None
+    # The steering receipt (processors.control.summarize_receipt) of a request with a
+    # control entry; None otherwise.
+    receipt: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -269,3 +269,45 @@ def test_persistence_across_restart_and_corrupt_file(tmp_path: Path, bundle: Mod
         error(c.put("/v1/control-vectors/broken/gguf", content=llama_cpp_file({1: np.ones(D)})),
               409, "name")
         assert c.delete("/v1/control-vectors/broken").status_code == 200
+
+
+def test_receipt_in_responses_streams_and_the_sdk(api: TestClient) -> None:
+    """Every response with a control entry carries a receipt (native JSON and the stream's
+    final frame, typed in the SDK); a response without one has none."""
+    import json
+
+    from clients import After, Control, GenerateResponse, Schedule, Tokens
+    from clients.steering import Ablate
+
+    rng = np.random.default_rng(3)
+    r = api.put("/v1/control-vectors/rc/gguf",
+                content=llama_cpp_file({1: rng.standard_normal(D).astype(np.float32)}))
+    assert r.status_code == 201, r.text
+    steering = [Ablate("rc").to_wire(),
+                Control("rc", Schedule(2.0, 0.0, 4, "cosine"), positions=Tokens(1, 5)).to_wire(),
+                {"type": "logit_bias", "bias": {"5": 1.0}},
+                Control("rc", 1.0, positions=After("\x00never")).to_wire()]
+    body = generate(api, steering)
+    assert body.status_code == 200, body.text
+    resp = GenerateResponse.model_validate(body.json())
+    assert resp.receipt is not None
+    ab, sch, aft = resp.receipt.entries
+    assert [ab.index, sch.index, aft.index] == [0, 1, 3]  # positions in the steering list
+    assert (ab.mode, ab.layers, ab.generated_positions) == ("ablate", [1], 7)
+    assert ab.prompt_positions > 0
+    assert ab.per_layer["1"].component_mean is not None
+    assert ab.per_layer["1"].delta_mean == pytest.approx(ab.per_layer["1"].component_mean)
+    assert (sch.prompt_positions, sch.generated_positions) == (0, 4)
+    assert sch.per_layer["1"].delta_max is not None and sch.per_layer["1"].delta_max > 0
+    assert (aft.generated_positions, aft.per_layer["1"].delta_mean) == (0, None)
+    assert generate(api, []).json().get("receipt") is None
+    with api.stream("POST", "/v1/generate", json={
+        "prompt": "And the", "max_tokens": 8, "temperature": 0, "steering": steering,
+        "stream": True}) as s:
+        frames = [json.loads(line[6:]) for line in s.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert "receipt" not in frames[0] and frames[-1]["receipt"] == body.json()["receipt"]
+    error(generate(api, [{"type": "control", "vector": "rc", "mode": "ablate",
+                          "strength": 2}]), 400, "steering.0.strength")
+    error(generate(api, [{"type": "control", "vector": "rc",
+                          "positions": {"from": 4, "to": 2}}]), 400, "steering.0.positions.to")

@@ -96,3 +96,25 @@ def test_sweep_table_shows_style_and_base_ppl_by_default(real_server, capsys):
     finally:
         with SteerClient(url) as c:
             c.priors.delete("clisweep")
+
+
+def test_control_flags_build_the_entries():
+    from clients.cli import build_parser, steering_from
+
+    args = build_parser().parse_args([
+        "generate", "hi", "--vector", "mood", "--alpha-schedule", "2:0:16:cosine",
+        "--window", "3:10", "--ablate", "refusal", "--ablate-strength", "0.5", "--layers", "4,5"])
+    assert [e.to_wire() for e in steering_from(args)] == [
+        {"type": "control", "mode": "ablate", "vector": "refusal", "strength": 0.5,
+         "layers": [4, 5], "positions": {"from": 3, "to": 10}},
+        {"type": "control", "vector": "mood", "layers": [4, 5], "preserve_norm": False,
+         "alpha": {"start": 2.0, "end": 0.0, "over": 16, "shape": "cosine"},
+         "positions": {"from": 3, "to": 10}}]
+    args = build_parser().parse_args(["generate", "hi", "--vector", "m", "--after", "</think>"])
+    assert steering_from(args)[0].to_wire()["positions"] == {"after": "</think>"}
+    args = build_parser().parse_args(["generate", "hi", "--vector", "m", "--positions",
+                                      "prompt", "--after", "x"])
+    with pytest.raises(ValueError, match="at most one"):
+        steering_from(args)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "hi", "--alpha-schedule", "1:2"])

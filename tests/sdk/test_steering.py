@@ -46,3 +46,28 @@ def test_contrast_pairs_zip_template_and_words():
         contrast_pairs("no slot", ["a"], ["b"])
     with pytest.raises(ValueError):
         contrast_pairs("{}", ["a", "b"], ["c"])
+
+
+def test_control_builders_are_accepted_by_the_server_validator():
+    """Schedules, token windows, after-markers, ablation and clamp serialize to entries
+    the server's own validator parses into what they say."""
+    import numpy as np
+
+    from clients import Ablate, After, Clamp, Schedule, Tokens
+    from processors.base import ProcessorEnv
+    from processors.control import ControlProcessor
+    from processors.control import ControlVector as Vec
+
+    vec = Vec("v", {1: np.ones(4), 2: np.ones(4)})
+    env = ProcessorEnv(8, resources={"control_vectors": {"v": vec}})
+    wire = Control("v", Schedule(2.0, 0.5, 8, "exp"), layers=[2],
+                   positions=Tokens(3, 9)).to_wire()
+    assert wire == {"type": "control", "vector": "v", "layers": [2], "preserve_norm": False,
+                    "alpha": {"start": 2.0, "end": 0.5, "over": 8, "shape": "exp"},
+                    "positions": {"from": 3, "to": 9}}
+    spec = ControlProcessor.validate(wire, env)
+    assert spec.alpha.at(8) == 0.5 and spec.positions.start == 3 and spec.positions.stop == 9
+    spec = ControlProcessor.validate(Ablate("v", 0.5, positions=After("</think>")).to_wire(), env)
+    assert (spec.mode, spec.alpha, spec.positions.marker) == ("ablate", 0.5, "</think>")
+    spec = ControlProcessor.validate(Clamp("v", -3.0, layers=[1]).to_wire(), env)
+    assert (spec.mode, spec.value, spec.layers) == ("clamp", -3.0, (1,))

@@ -146,7 +146,7 @@ def test_control_entries_are_not_logits_stages() -> None:
 
 
 # ------------------------------------------------------------------ delta builder
-def test_build_phase_per_row_sums_positions_and_norm() -> None:
+def test_build_phase_per_row_slots_positions_and_norm() -> None:
     v, w = ENV.resources["control_vectors"]["v"], ENV.resources["control_vectors"]["w"]
     a = ControlProcessor.validate({"vector": "v", "alpha": 2.0, "positions": "prompt"}, ENV)
     b = ControlProcessor.validate(
@@ -154,21 +154,22 @@ def test_build_phase_per_row_sums_positions_and_norm() -> None:
     )
     zero = ControlProcessor.validate({"vector": "v", "alpha": 0.0}, ENV)
     rows = [(a, b), (), (zero,), (b,)]
-    cpu, f32 = torch.device("cpu"), torch.float32
-    prompt = build_phase(rows, "prompt", cpu, f32)
-    assert prompt is not None and sorted(prompt.deltas) == [1, 2]
-    d2 = prompt.deltas[2]
-    assert d2.shape == (4, 1, D)
-    assert torch.allclose(d2[0, 0], torch.from_numpy(2 * v.directions[2] - 0.5 * w.directions[2]))
-    assert torch.equal(d2[1], torch.zeros(1, D)) and torch.equal(d2[2], torch.zeros(1, D))
-    assert torch.allclose(prompt.deltas[1][0, 0], torch.from_numpy(2 * v.directions[1]))
-    assert torch.equal(prompt.deltas[1][3], torch.zeros(1, D))
-    assert prompt.preserve[2].view(-1).tolist() == [True, False, False, True]
-    assert 1 not in prompt.preserve
-    gen = build_phase(rows, "generated", cpu, f32)
-    assert gen is not None and sorted(gen.deltas) == [2]  # a is prompt-only
-    assert build_phase([(zero,), ()], "prompt", cpu, f32) is None  # alpha 0: nothing at all
-    assert phase_key((a, b), "generated") == phase_key((b,), "generated")
+    cpu = torch.device("cpu")
+    prompt = build_phase(rows, "prompt", cpu)
+    assert prompt is not None and prompt.layers == (1, 2)
+    s0, s1 = prompt.slots  # slot 0: each row's first addition; slot 1: its second
+    assert s0.has.tolist() == [True, False, False, True]  # alpha 0 is no slot at all
+    assert torch.equal(s0.dirs[1][0, 0], torch.from_numpy(v.directions[1]))
+    assert torch.equal(s0.dirs[2][3, 0], torch.from_numpy(w.directions[2]))
+    assert torch.equal(s0.dirs[2][1], torch.zeros(1, D))
+    assert s0.a0.tolist() == [2.0, 0.0, 0.0, -0.5]
+    assert s1.has.tolist() == [True, False, False, False] and sorted(s1.dirs) == [2]
+    assert s0.preserve is not None and s0.preserve.view(-1).tolist() == [False] * 3 + [True]
+    assert s1.preserve is not None and s1.preserve.view(-1).tolist() == [True] + [False] * 3
+    gen = build_phase(rows, "generated", cpu)
+    assert gen is not None and gen.layers == (2,)  # a is prompt-only
+    assert build_phase([(zero,), ()], "prompt", cpu) is None  # alpha 0: nothing at all
+    assert phase_key((a, b), "generated") != phase_key((b,), "generated")  # slot matters
     assert phase_key((zero,), "prompt") == ()
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from processors.base import ProcessorEnv
-from processors.control import ControlVector, PhaseDeltas
+from processors.control import ControlProcessor, ControlVector, build_phase
 from processors.metrics import entropy_from_logp, kl_from_logp
 from processors.stack import parse_stack
 from server.engine import Engine, GenerationRequest, SamplingParams
@@ -151,7 +151,9 @@ def test_hooks_leave_nothing_behind(setup: tuple[Engine, ProcessorEnv, Any]) -> 
     assert not hooks.active()
     assert torch.equal(reference_logits(engine.model, ids), reference_logits(fresh, ids))
     # An error inside a steered forward (a delta of the wrong width) clears too.
-    bad = PhaseDeltas({1: torch.ones(1, 1, 31)}, {})
+    bad = build_phase([(ControlProcessor.validate({"vector": "w31"}, ProcessorEnv(
+        8, resources={"control_vectors": {"w31": ControlVector("w31", {1: np.ones(31)})}})),)],
+        "prompt", torch.device("cpu"))
     with pytest.raises(RuntimeError), hooks.steering(bad):
         reference_logits(engine.model, ids)
     assert not hooks.active()
