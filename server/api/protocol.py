@@ -119,6 +119,7 @@ class ModelCard(BaseModel):
     tokenizer_fingerprint: str
     dtype: str
     device: str
+    weights: str = Field(description="Weights format: fp32 (exact), bf16 or int4.")
 
 
 class ModelList(BaseModel):
@@ -133,6 +134,7 @@ class Health(BaseModel):
 
     status: Literal["ok", "loading", "error", "draining"]
     model: str | None = None
+    weights: str | None = None
     detail: str | None = None
     running: int = 0
     waiting: int = 0
