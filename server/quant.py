@@ -128,9 +128,9 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def dequantized(self) -> torch.Tensor:
-        """The kernel's effective weight ``(N, K)`` float32 (by multiplying the identity)."""
+        """The kernel's effective weight ``(N, K)`` as float32, read by multiplying the
+        identity (so rounded to bf16, the kernel's output dtype)."""
         eye = torch.eye(self.in_features, dtype=torch.bfloat16)
-        # Row k of the output is column k of W: exact, the identity only selects.
         cols = torch.ops.aten._weight_int4pack_mm_for_cpu(
             eye, self.packed, GROUP, self.scales_and_zeros
         )
