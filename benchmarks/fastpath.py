@@ -134,7 +134,8 @@ def speed(tokens: int, rounds: int) -> dict[str, float]:
         for w, u in (("fp32", u32), ("auto", ua)):
             info = httpx.get(u + "/v1/models").json()["data"][0]
             print(f"{w} server: weights {info['weights']}, activations {info['dtype']}")
-            httpx.post(u + "/v1/priors", json={"name": f"fp-{w}-{tag}", "corpus": "kjv"},
+            httpx.post(u + "/v1/priors", json={"name": f"fp-{w}-{tag}", "corpus": "kjv",
+                                                 "max_documents": 2000},
                        timeout=900).raise_for_status()
         many = {w: [{**body, "messages": [{"role": "user", "content": p}],
                      "steering": s}
