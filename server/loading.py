@@ -267,6 +267,8 @@ def load_model(
     # float32 head); only the legacy float16 loads in its dtype directly.
     torch_dtype = torch.float16 if fmt == "fp16" else torch.float32
     cache_dir: Path | None = None
+    model: Any
+    tok: Any
     if source.startswith("random:"):
         from server.tiny import tiny_model
 

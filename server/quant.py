@@ -82,6 +82,10 @@ class Int4Linear(nn.Module):
     float32 and rounds to bf16; the flag only saves the caller's upcast).
     """
 
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(
         self,
         codes: torch.Tensor,
@@ -261,6 +265,12 @@ def _to_bf16_keep_rope(model: nn.Module) -> None:
         setattr(parent, leaf, buf)
 
 
+def _output_head(model: nn.Module) -> Any:
+    """The model's output projection (``lm_head``), or None for a bare module."""
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -331,7 +341,7 @@ def to_int4(
     if cached is None and gguf is not None and config is not None:
         blocks = read_gguf_q4(gguf, config)
     counts = {"gguf": 0, "minmax": 0, "dense": 0, "cached": int(cached is not None)}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _output_head(model)
     head_weight = head.weight.detach().float().clone() if head is not None else None
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if float32_head:
@@ -372,7 +382,7 @@ def to_int4(
 def to_bf16(model: nn.Module, *, float32_head: bool = True) -> None:
     """Cast ``model`` to bf16 in place, keeping a float32 output head (see
     :class:`Float32Head`) when ``float32_head``."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = _output_head(model)
     head_weight = head.weight.detach().float().clone() if head is not None else None
     _to_bf16_keep_rope(model)
     if float32_head and head is not None and head_weight is not None:
