@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -202,7 +202,7 @@ def convert_gguf(gguf: Path, data_dir: Path) -> Path:
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
         # save_pretrained refuses a model that still looks quantized.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # typed as a submodule slot by nn.Module's stub
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(str(tmp))
@@ -237,6 +237,18 @@ def resolve_source(source: str, data_dir: Path) -> Path | None:
         "a .gguf file, 'embedded:<name>' or 'random:tiny'; steerserve never downloads "
         "from a model hub"
     )
+
+
+_M = TypeVar("_M", bound=torch.nn.Module)
+
+
+def _moved(model: _M, device: torch.device, dtype: torch.dtype | None = None) -> _M:
+    """``model.to(...)`` seen through ``nn.Module``'s signature: transformers wraps its
+    override with ``functools.wraps(nn.Module.to)``, which type checkers read as an
+    unbound call. The override still runs (normal method dispatch)."""
+    if dtype is None:
+        return model.to(device=device)
+    return model.to(device=device, dtype=dtype)
 
 
 def load_model(
@@ -297,7 +309,7 @@ def load_model(
         quant.to_int4(model, gguf, cache_dir=cache_dir)
     elif fmt == "bf16":
         quant.to_bf16(model)
-    model = model.to(dev)
+    model = _moved(model, device=dev)
     model.eval()
     model.requires_grad_(False)
     act_dtype = model.get_input_embeddings().weight.dtype
