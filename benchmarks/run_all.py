@@ -40,6 +40,11 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
                 ["--rounds", "1", "--tokens", "8", "--sweep-tokens", "8"]),
     "fusion": ("fusion.py", ["--rounds", "3"], ["--rounds", "1", "--tokens", "4"]),
     "sweep": ("sweep.py", ["--rounds", "3", "--tokens", "32"], ["--rounds", "1", "--tokens", "8"]),
+    # The fast path (weights auto/bf16/int4) against fp32, and the llama.cpp peer (opt-in:
+    # it prints a note and no ratio when llama-cpp-python is not installed).
+    "fastpath": ("fastpath.py", ["--prompts", "20", "--tokens", "64", "--rounds", "3"],
+                 ["--quick"]),
+    "llamacpp": ("llamacpp.py", ["--rounds", "3", "--tokens", "64"], ["--quick"]),
 }
 
 
@@ -97,7 +102,9 @@ def gpu_note() -> str:
             "machine `python benchmarks/run_all.py` measures the same ratios there (the "
             "server uses CUDA and bfloat16 by default when present), and the test fixtures load "
             "their models with device `auto`, so `make test` would run the mixed-batch "
-            "correctness tests there — that has not been tried yet.")
+            "correctness tests there — that has not been tried yet. The fast-path work "
+            "(issue 13) had no device machine lent to its session, so its GPU item was "
+            "not run either.")
 
 
 def main() -> None:

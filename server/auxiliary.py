@@ -104,8 +104,12 @@ def load_aux_models(entries: Sequence[Any], main: ModelBundle, data_dir: Any) ->
     out: list[AuxBundle] = []
     for e in entries:
         log.info("loading auxiliary model %s (%s) from %s", e.name, e.role, e.source)
-        bundle = load_model(e.source, data_dir, device=main.device, dtype=main.dtype,
-                            name=e.name)
+        # An exact (fp32) main model keeps exact auxiliaries; a fast main model lets each
+        # auxiliary pick its own fastest format (fusion combines float32 logits anyway).
+        exact = main.weights == "fp32"
+        bundle = load_model(e.source, data_dir, device=main.device,
+                            dtype=main.dtype if exact else "auto",
+                            weights="fp32" if exact else "auto", name=e.name)
         template = "chat" if e.chat_template else e.template
         out.append(AuxBundle(e.name, e.role, bundle, template, e.chat_template))
         check_aux(main, out)  # fail on the first bad one, before loading the rest

@@ -63,6 +63,7 @@ class ModelBundle:
     load_seconds: float
     dtype: str
     device: str
+    weights: str = "fp32"  # fp32 | bf16 | int4 (| fp16 via the legacy dtype setting)
 
     @property
     def vocab_size(self) -> int:
@@ -88,11 +89,49 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
-def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
-    """'auto' → bfloat16 on CUDA, float32 on CPU (bf16 is slower at batch ≥ 8 on CPU)."""
-    if spec == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+WEIGHTS = ("auto", "fp32", "bf16", "int4")
+_LEGACY_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def resolve_weights(spec: str, dtype: str, device: torch.device, gguf: Path | None) -> str:
+    """The weights format to load: ``spec`` itself, or for ``auto`` the fastest path the
+    device supports (CUDA: bf16; CPU with a 4-bit GGUF and the int4 kernel: int4; CPU
+    with AVX512-BF16/AMX: bf16; else fp32). An explicit legacy ``dtype`` (float32,
+    bfloat16, float16) decides when ``spec`` is ``auto``.
+    """
+    from server import quant
+
+    if spec not in WEIGHTS:
+        raise ModelSourceError(f"weights must be one of {', '.join(WEIGHTS)}, got '{spec}'")
+    if spec == "int4":
+        if device.type != "cpu" or not quant.int4_kernel_available():
+            raise ModelSourceError(
+                f"weights 'int4' runs on the CPU int4 kernel (device is {device.type}); "
+                "use weights 'bf16' on CUDA"
+            )
+        return spec
+    if spec != "auto":
+        return spec
+    if dtype != "auto":
+        return _LEGACY_DTYPE[dtype]
+    if device.type == "cuda":
+        choice, why = "bf16", "CUDA device"
+    elif gguf is not None and quant.int4_kernel_available() and quant.gguf_has_q4(gguf):
+        choice, why = "int4", "CPU with a 4-bit GGUF source"
+    elif device.type == "cpu" and quant.cpu_has_bf16():
+        choice, why = "bf16", "CPU with native bf16 (AVX512-BF16/AMX)"
+    else:
+        choice, why = "fp32", f"{device.type} without a faster path"
+    log.info("weights auto -> %s (%s)", choice, why)
+    return choice
+
+
+def source_gguf(source: str) -> Path | None:
+    """The GGUF file behind a source, if it is one (embedded or a .gguf path)."""
+    if source.startswith("embedded:"):
+        return embedded_gguf_path(source.split(":", 1)[1])
+    path = Path(source).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
 
 
 def embedded_gguf_path(name: str) -> Path:
@@ -218,16 +257,29 @@ def load_model(
     *,
     device: str = "auto",
     dtype: str = "auto",
+    weights: str = "fp32",
     name: str | None = None,
 ) -> ModelBundle:
-    """Resolve ``source`` and load model + tokenizer onto the device, offline."""
+    """Resolve ``source`` and load model + tokenizer onto the device, offline.
+
+    ``weights`` (see :func:`resolve_weights`): ``fp32`` is the exact reference (the
+    default here, so library callers and tests stay exact; the server's setting defaults
+    to ``auto``); ``bf16`` and ``int4`` are the fast paths of ``server.quant``, both with
+    a float32 output head so the last position's logits are float32.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server import quant
 
     t0 = time.monotonic()
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    # Typed loosely on purpose: a tiny random Llama, any AutoModel or a quantized wrapper.
-    model: torch.nn.Module
+    gguf = None if source.startswith("random:") else source_gguf(source)
+    fmt = resolve_weights(weights, dtype, dev, gguf)
+    # fp32/bf16/int4 all start from float32 weights (int4 quantizes from them, bf16 keeps a
+    # float32 head); only the legacy float16 loads in its dtype directly.
+    torch_dtype = torch.float16 if fmt == "fp16" else torch.float32
+    cache_dir: Path | None = None
+    model: Any
     tok: Any
     if source.startswith("random:"):
         from server.tiny import tiny_model
@@ -242,20 +294,25 @@ def load_model(
             raise ModelSourceError(
                 f"bad random model '{source}' (form: random:tiny[:SEED[:LAYERS]])"
             ) from None
-        tiny, tok = tiny_model(seed, **overrides)
-        model = _moved(tiny, device=dev, dtype=torch_dtype)
+        model, tok = tiny_model(seed, **overrides)
+        model = model.to(dtype=torch_dtype)
     else:
         path = resolve_source(source, data_dir)
         assert path is not None
+        if gguf is not None:
+            cache_dir = path  # the GGUF's conversion cache also keeps its packed int4 weights
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = _moved(
-            AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=torch_dtype, local_files_only=True, attn_implementation="sdpa"
-            ),
-            device=dev,
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch_dtype, local_files_only=True, attn_implementation="sdpa"
         )
+    if fmt == "int4":
+        quant.to_int4(model, gguf, cache_dir=cache_dir)
+    elif fmt == "bf16":
+        quant.to_bf16(model)
+    model = _moved(model, device=dev)
     model.eval()
     model.requires_grad_(False)
+    act_dtype = model.get_input_embeddings().weight.dtype
     context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     display = name or (source.split(":", 1)[1] if ":" in source else Path(source).name)
     bundle = ModelBundle(
@@ -265,8 +322,12 @@ def load_model(
         source=source,
         context_length=context,
         load_seconds=time.monotonic() - t0,
-        dtype=str(torch_dtype).removeprefix("torch."),
+        dtype=str(act_dtype).removeprefix("torch."),
         device=str(dev),
+        weights=fmt,
     )
-    log.info("loaded %s (%s, %s) in %.1f s", display, bundle.dtype, dev, bundle.load_seconds)
+    log.info(
+        "loaded %s (weights %s, activations %s, %s) in %.1f s",
+        display, fmt, bundle.dtype, dev, bundle.load_seconds,
+    )
     return bundle

@@ -49,7 +49,15 @@ class Settings(BaseSettings):
     model_name: str | None = Field(None, description="Name reported by the API.")
     data_dir: Path = Field(default_factory=default_data_dir)
     device: str = Field("auto", description="'auto' (CUDA if available), 'cpu', 'cuda:N'.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    weights: Literal["auto", "fp32", "bf16", "int4"] = Field(
+        "auto", description="Weights format: 'auto' picks the fastest path the device has "
+        "(CPU + 4-bit GGUF: int4; CPU with AVX512-BF16: bf16; CUDA: bf16) and logs it; "
+        "'fp32' is the exact reference path.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Legacy: with weights 'auto', an explicit dtype picks the "
+        "dense format (float32 = fp32, bfloat16 = bf16, float16 = dense fp16).",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite's exactness tests (mixed batch == solo, engine == generate, sweep == solo)
+# compare bit-for-bit, which only the fp32 path guarantees; the server's default 'auto'
+# would pick bf16/int4 here. Pinned for every in-process and subprocess server (they
+# inherit the environment); the fast paths have their own tolerance-based tests
+# (tests/unit/test_quant.py, tests/e2e/test_fastpath_real.py) that pass weights explicitly.
+os.environ.setdefault("STEER_WEIGHTS", "fp32")
 
 import httpx
 import pytest
@@ -41,12 +47,12 @@ def real_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
-    return load_model("random:tiny", tmp_path_factory.mktemp("tiny"))
+    return load_model("random:tiny", tmp_path_factory.mktemp("tiny"), weights="fp32")
 
 
 @pytest.fixture(scope="session")
 def real_bundle() -> ModelBundle:
-    return load_model(EMBEDDED, real_data_dir())
+    return load_model(EMBEDDED, real_data_dir(), weights="fp32")
 
 
 @pytest.fixture

@@ -151,6 +151,7 @@ class ModelCard(BaseModel):
     tokenizer_fingerprint: str
     dtype: str
     device: str
+    weights: str = Field(description="Weights format: fp32 (exact), bf16 or int4.")
 
 
 class ModelList(BaseModel):
@@ -168,6 +169,7 @@ class Health(BaseModel):
 
     status: HealthStatus
     model: str | None = None
+    weights: str | None = None
     detail: str | None = None
     running: int = 0
     waiting: int = 0

@@ -168,6 +168,7 @@ async def list_models(state: StateDep) -> ModelList:
         tokenizer_fingerprint=env.tokenizer_fingerprint,
         dtype=bundle.dtype,
         device=bundle.device,
+        weights=bundle.weights,
     )
     aux = [
         ModelCard(
@@ -179,6 +180,7 @@ async def list_models(state: StateDep) -> ModelList:
             tokenizer_fingerprint=a.fingerprint,
             dtype=a.bundle.dtype,
             device=a.bundle.device,
+            weights=a.bundle.weights,
         )
         for a in state.aux
     ]
@@ -198,6 +200,7 @@ async def health(state: StateDep) -> JSONResponse:
     body = Health(
         status=status,
         model=state.bundle.name if state.bundle else None,
+        weights=state.bundle.weights if state.bundle else None,
         detail=detail,
         running=engine.running if engine else 0,
         waiting=engine.waiting if engine else 0,

@@ -114,7 +114,8 @@ class ServerState:
             s = self.settings
             try:
                 bundle = load_model(
-                    s.model, s.data_dir, device=s.device, dtype=s.dtype, name=s.model_name
+                    s.model, s.data_dir, device=s.device, dtype=s.dtype,
+                    weights=s.weights, name=s.model_name,
                 )
                 self.attach(bundle)
             except Exception as exc:

@@ -1,0 +1,421 @@
+"""Low-precision weights for the CPU fast path: 4-bit group-32 linears, bf16 elsewhere.
+
+``weights = int4`` swaps every ``nn.Linear`` of a causal LM (and its ``lm_head``, tied to
+the embedding or not) for an :class:`Int4Linear` that runs on
+``torch.ops.aten._weight_int4pack_mm_for_cpu``: bf16 activations ``x (M, K)``, 4-bit codes
+packed two per byte ``(N, K/2)``, and per group of 32 input features a bf16 scale and zero
+``scales_and_zeros (K/32, N, 2)``; the kernel's weight is ``(q - 8) * scale + zero``.
+The rest of the model (embedding, norms, attention arithmetic) runs in bf16.
+
+Where the codes come from:
+
+* a GGUF whose tensor is ``Q4_0`` / ``Q4_1``: the file's own blocks. A ``Q4_1`` block of
+  32 weights stores ``d, m`` (fp16) and codes ``q ∈ [0, 15]`` with ``w = d·q + m``; that
+  is the kernel's group with ``scale = d`` and ``zero = m + 8d``. ``Q4_0`` is
+  ``w = d·(q - 8)``: ``scale = d``, ``zero = 0``. The codes are taken as they are; only the
+  two per-group numbers are rounded to bf16 (8 significant bits against fp16's 11), so
+  the kernel's weight differs from the file's by at most ``|q-8|·|Δd| + |Δzero|`` with
+  ``|Δd| ≤ 2⁻⁹·|d|`` — :func:`block_rounding_error` measures it (docs/fastpath.md).
+* anything else (other GGUF types, safetensors, random models): group-wise min/max
+  quantization of the float32 weight (``scale = (max - min)/15``, codes by rounding).
+
+llama.cpp's converter permutes the rows of ``attn_q`` / ``attn_k`` for Llama (its RoPE
+layout); transformers un-permutes them on load, and :func:`_unpermute_rows` applies the
+same row permutation to the codes and group parameters, so a packed row is the same output
+feature as the HF weight's row. The test suite checks this against transformers' own
+dequantization.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("steerserve.quant")
+
+GROUP = 32
+_INNER_K_TILES = 8
+
+# GGUF tensor-name stems (per block) → HF module path under ``model.layers.{i}``.
+_GGUF_TO_HF = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_Q4_TYPES = ("Q4_0", "Q4_1")
+
+
+def int4_kernel_available() -> bool:
+    """True when this torch build has the CPU int4 packing and matmul ops."""
+    ops = torch.ops.aten
+    return hasattr(ops, "_weight_int4pack_mm_for_cpu") and hasattr(
+        ops, "_convert_weight_to_int4pack_for_cpu"
+    )
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class Int4Linear(nn.Module):
+    """``y = x Wᵀ (+ b)`` with ``W (N, K)`` held as 4-bit group-32 codes.
+
+    Buffers: ``packed (N, K/2) uint8`` (the kernel's layout), ``scales_and_zeros
+    (K/32, N, 2) bf16``. ``forward`` takes ``x (..., K)`` of any float dtype and returns
+    ``(..., N)`` in bf16 (or float32 when ``out_float32``: the kernel still accumulates in
+    float32 and rounds to bf16; the flag only saves the caller's upcast).
+    """
+
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        """``codes (N, K)`` integers in [0, 15]; ``scale, zero (N, K/32)`` float."""
+        super().__init__()
+        N, K = codes.shape
+        if K % GROUP:
+            raise ValueError(f"in_features must be a multiple of {GROUP}, got {K}")
+        self.in_features, self.out_features = K, N
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            codes.to(torch.int32).contiguous(), _INNER_K_TILES
+        )
+        sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", sz)  # (K/32, N, 2)
+        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+
+    @classmethod
+    def from_packed(
+        cls, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None
+    ) -> Int4Linear:
+        """Rebuild from the kernel-ready buffers (the packed-weights cache)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features = int(packed.shape[0])
+        self.in_features = int(scales_and_zeros.shape[0]) * GROUP
+        self.register_buffer("packed", packed.contiguous())
+        self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2, self.packed, GROUP, self.scales_and_zeros
+        )
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The kernel's effective weight ``(N, K)`` as float32, read by multiplying the
+        identity (so rounded to bf16, the kernel's output dtype)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        cols = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            eye, self.packed, GROUP, self.scales_and_zeros
+        )
+        return cols.float().t().contiguous()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}"
+
+
+class Float32Head(nn.Module):
+    """The output projection computed in float32 for a low-precision model.
+
+    bf16 logits keep 8 significant bits (a step of 0.125 at logit 20), which turns
+    near-ties into exact ties and adds rounding noise to every processor's input; the
+    last position's ``hidden (N, 1, D)`` is small, so upcasting it and multiplying a
+    float32 copy of the head weight ``(V, D)`` costs one extra read of that weight.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().float().contiguous(), requires_grad=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h.float(), self.weight)
+
+
+def quantize_minmax(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise (32 along ``K``) asymmetric 4-bit quantization of ``w (N, K)``.
+
+    Returns ``codes (N, K) uint8``, ``scale (N, K/32)``, ``zero (N, K/32)`` float32 in the
+    kernel's convention (``w ≈ (q - 8)·scale + zero``).
+    """
+    N, K = w.shape
+    g = w.float().reshape(N, K // GROUP, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((g - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15)
+    return q.reshape(N, K).to(torch.uint8), scale, lo + 8 * scale
+
+
+def gguf_q4_blocks(raw: np.ndarray, kind: str, n_rows: int, n_cols: int) -> tuple[
+    np.ndarray, np.ndarray, np.ndarray
+]:
+    """Decode the rows of a ``Q4_0``/``Q4_1`` GGUF tensor.
+
+    ``raw (n_rows, bytes_per_row) uint8`` as ``GGUFReader`` maps it (a row is an output
+    feature; its ``n_cols`` inputs are ``n_cols/32`` blocks). Block layout (llama.cpp
+    ``ggml-common.h``): ``d`` fp16, (``Q4_1``: ``m`` fp16), then 16 bytes whose low nibbles
+    are weights 0-15 and high nibbles weights 16-31.
+
+    Returns ``codes (n_rows, n_cols) uint8``, ``scale, zero (n_rows, n_cols/32) float32``
+    in the kernel's convention.
+    """
+    head = 4 if kind == "Q4_1" else 2
+    blocks = np.asarray(raw).reshape(n_rows, n_cols // GROUP, head + 16)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., head:]
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n_rows, n_cols)
+    if kind == "Q4_1":
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        zero = m + 8 * d
+    else:
+        zero = np.zeros_like(d)
+    return codes, d, zero
+
+
+def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's Q/K permutation: ``hf = gguf[order]``.
+
+    llama.cpp writes ``W.reshape(h, 2, dim, K).swapaxes(1, 2)``, so HF row
+    ``(head a, half b, j)`` sits at GGUF row ``(a, j, b)``; this is transformers'
+    ``_reverse_permute_weights`` written as a gather.
+    """
+    dim = n_rows // n_head // 2
+    return np.arange(n_rows).reshape(n_head, dim, 2).swapaxes(1, 2).reshape(n_rows)
+
+
+def read_gguf_q4(path: Path, config: Any) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The ``Q4_0``/``Q4_1`` linear weights of a Llama GGUF, keyed by HF module path
+    (``model.layers.3.mlp.up_proj``; ``lm_head`` for ``output.weight``), rows in HF order.
+
+    Other architectures, or tensors of other types, are left out (the caller quantizes
+    them from the dequantized weights).
+    """
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch_field = reader.fields.get("general.architecture")
+    arch = bytes(arch_field.parts[arch_field.data[0]]).decode() if arch_field else ""
+    if arch != "llama":
+        log.info("GGUF architecture %r: 4-bit codes are re-derived, not read", arch)
+        return {}
+    n_head = int(config.num_attention_heads)
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
+    out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if kind not in _Q4_TYPES:
+            continue
+        parts = t.name.split(".")
+        if t.name == "output.weight":
+            hf = "lm_head"
+        elif len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_TO_HF:
+            hf = f"model.layers.{parts[1]}.{_GGUF_TO_HF[parts[2]]}"
+        else:
+            continue
+        n_cols, n_rows = (int(s) for s in t.shape[:2])  # GGUF: ne0 = inputs, ne1 = outputs
+        codes, scale, zero = gguf_q4_blocks(t.data, kind, n_rows, n_cols)
+        if hf != "lm_head" and parts[2] in ("attn_q", "attn_k"):
+            order = _unpermute_rows(n_rows, n_head if parts[2] == "attn_q" else n_kv)
+            codes, scale, zero = codes[order], scale[order], zero[order]
+        out[hf] = (codes, scale, zero)
+    return out
+
+
+def _to_bf16_keep_rope(model: nn.Module) -> None:
+    """``model.to(bf16)`` but rotary ``inv_freq`` buffers stay float32: transformers
+    computes RoPE angles in float32 from them, and bf16 frequencies would shift every
+    position's angle (by up to 2⁻⁹ relative, i.e. radians at long context)."""
+    keep = {
+        n: b.detach().clone() for n, b in model.named_buffers()
+        if n.endswith("inv_freq") and b.is_floating_point()
+    }
+    model.to(torch.bfloat16)
+    for name, buf in keep.items():
+        parent_path, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, leaf, buf)
+
+
+def _output_head(model: nn.Module) -> Any:
+    """The model's output projection (``lm_head``), or None for a bare module."""
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)
+
+
+PACK_FORMAT = 1  # bump when the cached layout changes
+
+
+def _pack_cache_name() -> str:
+    # The packed layout is the kernel's own (``_for_cpu``): tie the cache to torch's version.
+    return f"int4-pack-v{PACK_FORMAT}-torch{torch.__version__.split('+')[0]}.safetensors"
+
+
+def _load_pack_cache(path: Path) -> dict[str, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # corrupt or partial: rebuild, never use half
+        log.warning("ignoring unreadable int4 cache %s (%s)", path, exc)
+        return None
+
+
+def _save_pack_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write atomically: temporary sibling, fsync, rename."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not write int4 cache %s (%s)", path, exc)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def to_int4(
+    model: nn.Module,
+    gguf: Path | None = None,
+    *,
+    cache_dir: Path | None = None,
+    float32_head: bool = True,
+) -> dict[str, int]:
+    """Convert ``model`` (float32 weights, on the CPU) in place to the int4 fast path.
+
+    Every ``nn.Linear`` whose ``in_features`` is a multiple of 32 becomes an
+    :class:`Int4Linear` (codes from ``gguf``'s Q4 blocks where it has them, else min/max
+    from the float32 weight); the output head becomes a :class:`Float32Head` when
+    ``float32_head`` (float32 last-position logits, see there) and an int4 linear
+    otherwise; everything else is cast to bf16. With ``cache_dir`` the packed buffers are
+    kept there (reading a GGUF's blocks takes seconds; the cache loads in well under one).
+    Returns counts ``{"gguf": n, "minmax": n, "dense": n, "cached": 0|1}``.
+    """
+    t0 = time.monotonic()
+    config = getattr(model, "config", None)
+    cache_path = cache_dir / _pack_cache_name() if cache_dir is not None else None
+    cached = _load_pack_cache(cache_path) if cache_path and cache_path.is_file() else None
+    blocks: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    if cached is None and gguf is not None and config is not None:
+        blocks = read_gguf_q4(gguf, config)
+    counts = {"gguf": 0, "minmax": 0, "dense": 0, "cached": int(cached is not None)}
+    head = _output_head(model)
+    head_weight = head.weight.detach().float().clone() if head is not None else None
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if float32_head:
+        linears = [(n, m) for n, m in linears if m is not head]
+    fresh: dict[str, torch.Tensor] = {}
+    for name, lin in linears:
+        if lin.in_features % GROUP:
+            counts["dense"] += 1
+            continue
+        # A tied head's weight is the embedding's: quantize from the saved float32 copy.
+        weight = head_weight if lin is head and head_weight is not None else lin.weight.detach()
+        bias = lin.bias.detach() if lin.bias is not None else None
+        if cached is not None and f"{name}.packed" in cached:
+            new = Int4Linear.from_packed(cached[f"{name}.packed"], cached[f"{name}.sz"], bias)
+        else:
+            if name in blocks:
+                c, s, z = blocks[name]
+                codes, scale, zero = (torch.from_numpy(a) for a in (c, s, z))
+                counts["gguf"] += 1
+            else:
+                codes, scale, zero = quantize_minmax(weight)
+                counts["minmax"] += 1
+            new = Int4Linear(codes, scale, zero, bias)
+            fresh[f"{name}.packed"], fresh[f"{name}.sz"] = new.packed, new.scales_and_zeros
+        _set_module(model, name, new)
+    _to_bf16_keep_rope(model)  # embedding, norms, any dense leftovers
+    if float32_head and head is not None and head_weight is not None:
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        _set_module(model, head_name, Float32Head(head_weight))
+    if head is not None and config is not None:
+        config.tie_word_embeddings = False  # the head no longer shares the embedding
+    if cache_path is not None and cached is None and fresh:
+        _save_pack_cache(cache_path, fresh)
+    log.info("int4 weights: %s in %.1f s", counts, time.monotonic() - t0)
+    return counts
+
+
+def to_bf16(model: nn.Module, *, float32_head: bool = True) -> None:
+    """Cast ``model`` to bf16 in place, keeping a float32 output head (see
+    :class:`Float32Head`) when ``float32_head``."""
+    head = _output_head(model)
+    head_weight = head.weight.detach().float().clone() if head is not None else None
+    _to_bf16_keep_rope(model)
+    if float32_head and head is not None and head_weight is not None:
+        name = next(n for n, m in model.named_modules() if m is head)
+        _set_module(model, name, Float32Head(head_weight.to(head.weight.device)))
+        config = getattr(model, "config", None)
+        if config is not None:
+            config.tie_word_embeddings = False
+
+
+def gguf_has_q4(path: Path) -> bool:
+    """True when the GGUF file holds at least one ``Q4_0``/``Q4_1`` tensor."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return any(t.tensor_type.name in _Q4_TYPES for t in reader.tensors)
+
+
+def block_rounding_error(path: Path, config: Any) -> dict[str, float]:
+    """How far the kernel's weights (bf16 scale and zero) are from the file's exact Q4
+    weights, over every Q4 linear of ``path``: max and mean absolute difference, and the
+    max relative to the tensor's largest weight."""
+    blocks = read_gguf_q4(path, config)
+    worst_abs, total, count, worst_rel = 0.0, 0.0, 0, 0.0
+    for c, s, z in blocks.values():
+        q = c.astype(np.float32).reshape(c.shape[0], -1, GROUP)
+        exact = (q - 8) * s[..., None] + z[..., None]
+        s16 = torch.from_numpy(s).to(torch.bfloat16).float().numpy()
+        z16 = torch.from_numpy(z).to(torch.bfloat16).float().numpy()
+        kernel = (q - 8) * s16[..., None] + z16[..., None]
+        diff = np.abs(kernel - exact)
+        worst_abs = max(worst_abs, float(diff.max()))
+        worst_rel = max(worst_rel, float(diff.max() / max(np.abs(exact).max(), 1e-12)))
+        total += float(diff.sum())
+        count += diff.size
+    return {"max_abs": worst_abs, "mean_abs": total / max(count, 1), "max_rel": worst_rel}

@@ -1,0 +1,105 @@
+"""The fast path on the real embedded model (slow): the int4 codes are the GGUF's own,
+row for row, the server reports its weights, and steering works on int4 (tolerance-based:
+nothing here compares low-precision outputs for equality)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server import quant
+from server.loading import ModelBundle, embedded_gguf_path, load_model
+from tests.conftest import EMBEDDED, LiveServer, live_server, real_data_dir
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not quant.int4_kernel_available(), reason="no int4 kernel"),
+]
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def int4_bundle() -> ModelBundle:
+    return load_model(EMBEDDED, real_data_dir(), weights="int4")
+
+
+def test_int4_codes_are_the_files_blocks(real_bundle: ModelBundle) -> None:
+    """Our decoded and un-permuted Q4_1 blocks equal transformers' fp32 dequantization of
+    the same GGUF (its own reader and its own Q/K un-permutation) for all 210 linears."""
+    blocks = quant.read_gguf_q4(embedded_gguf_path("smollm2-135m-instruct"),
+                                real_bundle.model.config)
+    assert len(blocks) == 30 * 7
+    for name, (codes, scale, zero) in blocks.items():
+        w = real_bundle.model.get_submodule(name).weight
+        q = torch.from_numpy(codes).double().reshape(w.shape[0], -1, 32)
+        ours = (q - 8) * torch.from_numpy(scale).double()[..., None] \
+            + torch.from_numpy(zero).double()[..., None]
+        assert torch.allclose(ours.reshape(w.shape), w.double(), rtol=0, atol=1e-6), name
+
+
+@torch.inference_mode()
+def test_int4_teacher_forced_close_to_fp32(real_bundle: ModelBundle,
+                                           int4_bundle: ModelBundle) -> None:
+    """int4 reads fp32's greedy continuation: top-1 agreement and KL within the issue's
+    targets (measured ≈ 0.96-0.97 and ≈ 0.001 nats on the benchmark's prompts)."""
+    assert int4_bundle.weights == "int4"
+    tok = real_bundle.tokenizer
+    ids = list(tok.apply_chat_template(FRANCE, add_generation_prompt=True, tokenize=True,
+                                       return_dict=False))
+    x = torch.tensor([ids])
+    cont = real_bundle.model.generate(x, attention_mask=torch.ones_like(x),
+                                      max_new_tokens=24, do_sample=False)
+    a = real_bundle.model(input_ids=cont).logits[0, len(ids) - 1 : -1]
+    b = int4_bundle.model(input_ids=cont).logits[0, len(ids) - 1 : -1]
+    assert b.dtype == torch.float32
+    lp, lq = F.log_softmax(a.double(), -1), F.log_softmax(b.double(), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+    top1 = (a.argmax(-1) == b.argmax(-1)).double().mean().item()
+    assert kl < 0.02, kl
+    assert top1 >= 0.9, top1
+
+
+@pytest.fixture(scope="module")
+def int4_srv(int4_bundle: ModelBundle, tmp_path_factory: pytest.TempPathFactory
+             ) -> Iterator[LiveServer]:
+    with live_server(int4_bundle, tmp_path_factory.mktemp("fast")) as s:
+        yield s
+
+
+def test_weights_reported_and_answers_sensible(int4_srv: LiveServer) -> None:
+    models = httpx.get(int4_srv.url + "/v1/models").json()["data"]
+    assert models[0]["weights"] == "int4" and models[0]["dtype"] == "bfloat16"
+    assert httpx.get(int4_srv.url + "/health").json()["weights"] == "int4"
+    r = httpx.post(int4_srv.url + "/v1/generate", timeout=120,
+                   json={"messages": FRANCE, "max_tokens": 16, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert "Paris" in r.json()["text"]
+
+
+def test_steering_works_on_int4(int4_srv: LiveServer, tmp_path: Path) -> None:
+    """A logit-bias of +100 forces its token on every step; an n-gram prior at λ = 1 moves
+    the text, with diagnostics, on the int4 path."""
+    url = int4_srv.url
+    base = {"messages": FRANCE, "max_tokens": 8, "temperature": 0}
+    forced = httpx.post(url + "/v1/generate", timeout=120,
+                        json={**base, "steering": [{"type": "logit_bias",
+                                                    "bias": {"28": 100}}]}).json()
+    assert forced["token_ids"] == [28] * 8
+    r = httpx.post(url + "/v1/priors", timeout=300,
+                   json={"name": "fast-style", "corpus": "kjv", "max_documents": 2000})
+    assert r.status_code == 201, r.text
+
+    def gen(lam: float) -> dict:
+        return httpx.post(url + "/v1/generate", timeout=120, json={
+            **base, "max_tokens": 16, "diagnostics": True,
+            "steering": [{"type": "ngram", "prior": "fast-style", "lambda": lam}]}).json()
+
+    off, on = gen(0.0), gen(1.0)
+    assert on["token_ids"] != off["token_ids"]
+    assert on["diagnostics"]["style_ppl"] < off["diagnostics"]["style_ppl"]

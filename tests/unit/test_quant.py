@@ -1,0 +1,131 @@
+"""The fast path's weights (server.quant, weights setting): oracles are the gguf package's
+own dequantizer, llama.cpp's permutation as its converter writes it, float64 matmuls, and
+the fp32 model; fast-path comparisons are tolerance-based (KL, top-1), never exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from server import quant
+from server.loading import ModelSourceError, load_model, resolve_weights
+
+pytestmark = pytest.mark.skipif(not quant.int4_kernel_available(), reason="no int4 kernel")
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_gguf_blocks_decode_like_the_gguf_package(kind: str) -> None:
+    """Codes, scale and zero from our block decoder reproduce gguf's own dequantization."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(6, 96)).astype(np.float32)
+    qt = getattr(GGMLQuantizationType, kind)
+    raw = quantize(w, qt)  # (6, bytes per row) uint8, llama.cpp's block layout
+    expected = dequantize(raw, qt)  # (6, 96) float32
+    codes, scale, zero = quant.gguf_q4_blocks(raw, kind, 6, 96)
+    assert codes.min() >= 0 and codes.max() <= 15
+    q = codes.astype(np.float64).reshape(6, 3, 32)
+    ours = (q - 8) * scale[..., None].astype(np.float64) + zero[..., None]
+    np.testing.assert_allclose(ours.reshape(6, 96), expected, rtol=0, atol=1e-6)
+
+
+def test_unpermute_undoes_llamacpp_permutation() -> None:
+    """llama.cpp's convert_hf_to_gguf ``permute`` (reshape(h, 2, N/h/2).swapaxes(1, 2)),
+    written here from its definition, followed by our gather is the identity."""
+    for n_rows, n_head in [(576, 9), (192, 3), (32, 4)]:
+        w = np.arange(n_rows * 3).reshape(n_rows, 3)
+        gguf_order = w.reshape(n_head, 2, n_rows // n_head // 2, 3).swapaxes(1, 2)
+        gguf_order = gguf_order.reshape(n_rows, 3)
+        np.testing.assert_array_equal(gguf_order[quant._unpermute_rows(n_rows, n_head)], w)
+
+
+def test_int4_linear_matches_float64_of_its_weights() -> None:
+    """The kernel computes x·Wᵀ for W = (q-8)·bf16(scale) + bf16(zero)."""
+    torch.manual_seed(0)
+    N, K = 48, 64
+    codes = torch.randint(0, 16, (N, K), dtype=torch.uint8)
+    scale = torch.rand(N, K // 32) * 0.05 + 0.01
+    zero = torch.randn(N, K // 32) * 0.05
+    lin = quant.Int4Linear(codes, scale, zero)
+    s16 = scale.bfloat16().double().repeat_interleave(32, 1)
+    z16 = zero.bfloat16().double().repeat_interleave(32, 1)
+    w = (codes.double() - 8) * s16 + z16
+    # dequantized() reads W through the kernel, which rounds its output to bf16.
+    assert torch.allclose(lin.dequantized().double(), w, rtol=2**-8, atol=0)
+    x = torch.randn(5, 3, K)
+    y = lin(x)
+    assert y.shape == (5, 3, N)
+    ref = x.bfloat16().double() @ w.t()
+    # bf16 output rounding (2⁻⁸ relative) plus float32 accumulation.
+    assert torch.allclose(y.double(), ref, rtol=2**-7, atol=1e-3)
+
+
+def test_minmax_quantization_error_is_within_half_a_step() -> None:
+    torch.manual_seed(1)
+    w = torch.randn(20, 96)
+    codes, scale, zero = quant.quantize_minmax(w)
+    deq = (codes.float() - 8).reshape(20, 3, 32) * scale[..., None] + zero[..., None]
+    err = (deq.reshape(20, 96) - w).abs().reshape(20, 3, 32)
+    assert (err <= scale[..., None] / 2 + 1e-6).all()
+
+
+def test_resolve_weights_auto_and_explicit() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_weights("auto", "auto", cuda, None) == "bf16"
+    assert resolve_weights("auto", "float32", cpu, None) == "fp32"
+    assert resolve_weights("fp32", "auto", cpu, None) == "fp32"
+    assert resolve_weights("auto", "auto", cpu, None) == ("bf16" if quant.cpu_has_bf16()
+                                                           else "fp32")
+    with pytest.raises(ModelSourceError, match="int4"):
+        resolve_weights("int4", "auto", cuda, None)
+    with pytest.raises(ModelSourceError, match="weights"):
+        resolve_weights("int8", "auto", cpu, None)
+
+
+def _kl_top1(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(softmax a ‖ softmax b) over rows and the share of rows whose argmax agrees."""
+    lp, lq = F.log_softmax(a.double(), -1), F.log_softmax(b.double(), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+    return kl, (a.argmax(-1) == b.argmax(-1)).double().mean().item()
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("weights", ["bf16", "int4"])
+def test_tiny_fast_path_close_to_fp32(weights: str, tmp_path: Path) -> None:
+    """Low-precision tiny models give float32 logits close to an fp32 model with the
+    *same* weights (for int4: the kernel's weights copied into the fp32 linears), so what
+    is left is bf16 activation rounding. Bounds are loose multiples of what is measured."""
+    ref = load_model("random:tiny", tmp_path, weights="fp32")
+    fast = load_model("random:tiny", tmp_path, weights=weights)
+    assert fast.weights == weights and fast.dtype == "bfloat16"
+    if weights == "int4":
+        for name, mod in fast.model.named_modules():
+            if isinstance(mod, quant.Int4Linear):
+                ref.model.get_submodule(name).weight.copy_(mod.dequantized())
+    ids = torch.tensor([list(ref.tokenizer("The quick brown fox jumps over it")["input_ids"])])
+    a = ref.model(input_ids=ids).logits[0]
+    b = fast.model(input_ids=ids).logits[0]
+    assert b.dtype == torch.float32 and torch.isfinite(b).all()
+    kl, top1 = _kl_top1(a, b)
+    assert kl < 0.01, kl  # measured ~0.001
+    assert top1 >= 0.9, top1
+
+
+def test_int4_cache_is_reused(tmp_path: Path) -> None:
+    """Packed buffers written once, then loaded (identical), never half-read."""
+    m1 = load_model("random:tiny", tmp_path, weights="fp32").model
+    m2 = load_model("random:tiny", tmp_path, weights="fp32").model
+    first = quant.to_int4(m1, cache_dir=tmp_path)
+    second = quant.to_int4(m2, cache_dir=tmp_path)
+    assert first["cached"] == 0 and first["minmax"] > 0 and second["cached"] == 1
+    for (n, a), (_, b) in zip(m1.named_buffers(), m2.named_buffers(), strict=True):
+        assert torch.equal(a, b), n
+    cache = next(tmp_path.glob("int4-pack-*.safetensors"))
+    cache.write_bytes(cache.read_bytes()[:100])  # truncated: ignored and rebuilt
+    m3 = load_model("random:tiny", tmp_path, weights="fp32").model
+    assert quant.to_int4(m3, cache_dir=tmp_path)["cached"] == 0
