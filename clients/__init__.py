@@ -29,6 +29,7 @@ from clients.exceptions import (
 from clients.steering import (
     Control,
     Fusion,
+    Guard,
     LogitBias,
     Margin,
     Ngram,
@@ -61,7 +62,7 @@ __all__ = [
     "SteerError", "APIConnectionError", "APITimeoutError", "APIStatusError",
     "BadRequestError", "AuthenticationError", "NotFoundError", "ConflictError",
     "PayloadTooLargeError", "RateLimitError", "InternalServerError", "ServiceUnavailableError",
-    "Ngram", "Control", "Fusion", "Margin", "LogitBias", "SteeringLike", "contrast_pairs",
+    "Ngram", "Control", "Fusion", "Margin", "Guard", "LogitBias", "SteeringLike", "contrast_pairs",
     "SweepResult", "SweepRow", "token_overlap", "distinct_n",
     "GenerateRequest", "GenerateResponse", "StreamEvent", "Usage", "SweepPoint",
     "SweepResponse", "Prior", "PriorList", "CorpusList", "ControlVector",

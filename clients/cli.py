@@ -26,7 +26,7 @@ from typing import Any
 from clients import _format as fmt
 from clients.client import SteerClient
 from clients.exceptions import APIStatusError, SteerError
-from clients.steering import Control, LogitBias, Margin, Ngram, SteeringLike
+from clients.steering import Control, Guard, LogitBias, Margin, Ngram, SteeringLike
 
 Handler = Callable[[SteerClient, argparse.Namespace], int]
 
@@ -96,7 +96,7 @@ def _json_or_str(text: str) -> Any:
 
 def steering_from(args: argparse.Namespace, *, lam_default: float = 0.1) -> list[SteeringLike]:
     """The steering stack of the steering flags, in a fixed order: raw ``--steering``
-    entries, control vector, n-gram prior, logit bias, margin last."""
+    entries, control vector, n-gram prior, logit bias, margin, then the guard last."""
     stack: list[SteeringLike] = []
     for raw in args.steering or []:
         try:
@@ -115,6 +115,9 @@ def steering_from(args: argparse.Namespace, *, lam_default: float = 0.1) -> list
         stack.append(LogitBias(bias=dict(args.logit_bias)))
     if args.margin:
         stack.append(Margin(tau=args.margin[0], gamma=args.margin[1]))
+    beta, eps = getattr(args, "plausibility", None), getattr(args, "kl_budget", None)
+    if beta is not None or eps is not None:
+        stack.append(Guard(plausibility=beta, kl_budget=eps))
     return stack
 
 
@@ -311,6 +314,10 @@ def _steering(p: argparse.ArgumentParser) -> None:
     g.add_argument("--logit-bias", type=bias_arg, action="append", metavar="ID=VALUE")
     g.add_argument("--margin", type=float, nargs=2, metavar=("TAU", "GAMMA"),
                    help="margin calibration, placed last")
+    g.add_argument("--plausibility", type=float, metavar="BETA",
+                   help="fluency guard: drop tokens with frozen-model P < BETA·max P (placed last)")
+    g.add_argument("--kl-budget", type=float, metavar="NATS",
+                   help="fluency guard: per-step KL(steered ‖ frozen) budget (placed last)")
     g.add_argument("--steering", action="append", metavar="JSON",
                    help="a raw steering entry, e.g. '{\"type\": \"margin\", ...}' (repeatable)")
 

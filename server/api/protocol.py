@@ -27,7 +27,7 @@ class SteeringEntry(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: Annotated[str, Strict()] = Field(
-        description="ngram | control | fusion | margin | logit_bias"
+        description="ngram | control | fusion | margin | guard | logit_bias"
     )
 
 
