@@ -5,7 +5,8 @@ Diagnostics (and calibration) compare the steered distribution with the frozen m
 vector, however, steers the forward itself, so its logits are already steered. For each
 control-steered row that needs the reference (it asked for diagnostics, or it has a
 ``margin`` or ``guard`` entry) the engine keeps a *twin*: a row of a second
-:class:`BatchState` with its own KV cache, fed the same tokens as its owner but run without any delta.
+:class:`BatchState` with its own KV cache, fed the same tokens as its owner but run
+without any delta.
 
 * The twin's prompt is prefilled in the **same forward** as its owner's group (an extra
   row with zero delta; a twin whose prompt is unsteered — ``positions: "generated"`` —
