@@ -34,6 +34,11 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "control": ("control.py", ["--rounds", "5", "--tokens", "32"],
                 ["--rounds", "1", "--tokens", "8", "--sweep-tokens", "8"]),
     "fusion": ("fusion.py", ["--rounds", "3"], ["--rounds", "1", "--tokens", "4"]),
+    "frontier": ("frontier.py", ["--prompts", "12", "--tokens", "24", "--out",
+                                 "docs/frontier-sweep.md", "--plot", "docs/frontier.png"],
+                 ["--quick", "--prompts", "2", "--tokens", "8"]),
+    "frontier_overhead": ("frontier.py", ["--overhead", "--rounds", "5", "--tokens", "32"],
+                          ["--overhead", "--rounds", "1", "--tokens", "8"]),
     "sweep": ("sweep.py", ["--rounds", "3", "--tokens", "32"], ["--rounds", "1", "--tokens", "8"]),
 }
 

@@ -221,17 +221,25 @@ class Guard(Processor[GuardSpec]):
         out = torch.where(allowed, out, floor)
         out = torch.where(self.rows & ~empty, out, steered).to(logits.dtype)
         if ctx.want_stats:
-            nan = torch.full_like(self.eps, float("nan"))
             use = self.rows & ~empty
-            ctx.stats["guard_s"] = torch.where(use, s, nan).view(-1)
+            self._stat(ctx, "guard_s", use, s)
             if self.any_budget:
-                ctx.stats["guard_kl"] = torch.where(use & (self.eps < math.inf), kl, nan).view(-1)
+                self._stat(ctx, "guard_kl", use & (self.eps < math.inf), kl)
             if self.any_mask:
                 p0 = torch.softmax(base, dim=-1)
                 removed = (p0 * (~allowed).float()).sum(dim=-1, keepdim=True)
-                ctx.stats["guard_masked_mass"] = torch.where(
-                    use & (self.log_beta > -math.inf), removed, nan).view(-1)
+                self._stat(ctx, "guard_masked_mass", use & (self.log_beta > -math.inf), removed)
         return out
+
+    @staticmethod
+    def _stat(ctx: StepContext, name: str, rows: torch.Tensor, value: torch.Tensor) -> None:
+        """Set ``ctx.stats[name]`` for ``rows (B, 1)`` to ``value (B, 1)``. Rows of other
+        guard instances (the entry sits at a different stack depth in another request of
+        the batch) keep what those wrote; everything else is NaN."""
+        prev = ctx.stats.get(name)
+        if prev is None:
+            prev = torch.full((value.shape[0],), float("nan"), device=value.device)
+        ctx.stats[name] = torch.where(rows.view(-1), value.view(-1).float(), prev)
 
 
 register(Guard)
