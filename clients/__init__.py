@@ -53,6 +53,8 @@ from clients.types import (
     StreamEvent,
     SweepPoint,
     SweepResponse,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -64,7 +66,8 @@ __all__ = [
     "PayloadTooLargeError", "RateLimitError", "InternalServerError", "ServiceUnavailableError",
     "Ngram", "Control", "Fusion", "Margin", "Guard", "LogitBias", "SteeringLike", "contrast_pairs",
     "SweepResult", "SweepRow", "token_overlap", "distinct_n",
-    "GenerateRequest", "GenerateResponse", "StreamEvent", "Usage", "SweepPoint",
+    "GenerateRequest", "GenerateResponse", "StreamEvent", "Usage", "TokenLogprob",
+    "TopLogprob", "SweepPoint",
     "SweepResponse", "Prior", "PriorList", "CorpusList", "ControlVector",
     "ControlVectorList", "Deleted", "ModelCard", "ModelList", "Health",
 ]

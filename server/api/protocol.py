@@ -76,6 +76,22 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    """One of the top alternatives at a position."""
+
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """A generated token's log-probability under the steered distribution, with the
+    ``logprobs`` most likely alternatives at that position (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: list[TopLogprob]
+
+
 class GenerateResponse(BaseModel):
     """Non-streaming answer of ``POST /v1/generate``."""
 
@@ -86,8 +102,8 @@ class GenerateResponse(BaseModel):
     finish_reason: str
     usage: Usage
     diagnostics: dict[str, Any] | None = None
-    logprobs: list[dict[str, Any]] | None = Field(
-        None, description="Per token: {token_id, logprob, top: [{token_id, logprob}]}."
+    logprobs: list[TokenLogprob] | None = Field(
+        None, description="One entry per token of token_ids (when logprobs was set)."
     )
     warnings: list[str] | None = Field(
         None, description="Legal but probably unintended request settings."
@@ -105,7 +121,7 @@ class StreamEvent(BaseModel):
     finish_reason: str | None = None
     usage: Usage | None = None
     diagnostics: dict[str, Any] | None = None
-    logprobs: list[dict[str, Any]] | None = None
+    logprobs: list[TokenLogprob] | None = None
     warnings: list[str] | None = None
 
 

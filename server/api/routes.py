@@ -21,6 +21,8 @@ from server.api.protocol import (
     ModelCard,
     ModelList,
     StreamEvent,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from server.api.state import EventStream, StateDep, submit
@@ -37,11 +39,11 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-def logprob_entries(ev: TokenEvent) -> list[dict[str, Any]]:
+def logprob_entries(ev: TokenEvent) -> list[TokenLogprob]:
     """The native wire form of a token event's logprobs (aligned with its token ids)."""
     return [
-        {"token_id": t, "logprob": lp.logprob,
-         "top": [{"token_id": a, "logprob": v} for a, v in lp.top]}
+        TokenLogprob(token_id=t, logprob=lp.logprob,
+                     top=[TopLogprob(token_id=a, logprob=v) for a, v in lp.top])
         for t, lp in zip(ev.token_ids, ev.logprobs or (), strict=False)
     ]
 
@@ -81,7 +83,7 @@ async def collect(
     """Wait for a request's events and assemble the non-streaming response."""
     tokens: list[int] = []
     text: list[str] = []
-    logprobs: list[dict[str, Any]] | None = None
+    logprobs: list[TokenLogprob] | None = None
     async for ev in stream.events():
         if isinstance(ev, TokenEvent):
             tokens.extend(ev.token_ids)
