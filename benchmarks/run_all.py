@@ -39,6 +39,11 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "control": ("control.py", ["--rounds", "5", "--tokens", "32"],
                 ["--rounds", "1", "--tokens", "8", "--sweep-tokens", "8"]),
     "fusion": ("fusion.py", ["--rounds", "3"], ["--rounds", "1", "--tokens", "4"]),
+    "frontier": ("frontier.py", ["--prompts", "12", "--tokens", "24", "--out",
+                                 "docs/frontier-sweep.md", "--plot", "docs/frontier.png"],
+                 ["--quick", "--prompts", "2", "--tokens", "8"]),
+    "frontier_overhead": ("frontier.py", ["--overhead", "--rounds", "5", "--tokens", "32"],
+                          ["--overhead", "--rounds", "1", "--tokens", "8"]),
     "sweep": ("sweep.py", ["--rounds", "3", "--tokens", "32"], ["--rounds", "1", "--tokens", "8"]),
     # The fast path (weights auto/bf16/int4) against fp32, and the llama.cpp peer (opt-in:
     # it prints a note and no ratio when llama-cpp-python is not installed).

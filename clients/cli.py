@@ -30,6 +30,7 @@ from clients.steering import (
     Ablate,
     After,
     Control,
+    Guard,
     LogitBias,
     Margin,
     Ngram,
@@ -108,7 +109,7 @@ def _json_or_str(text: str) -> Any:
 
 def steering_from(args: argparse.Namespace, *, lam_default: float = 0.1) -> list[SteeringLike]:
     """The steering stack of the steering flags, in a fixed order: raw ``--steering``
-    entries, control vector, n-gram prior, logit bias, margin last."""
+    entries, control vector, n-gram prior, logit bias, margin, then the guard last."""
     stack: list[SteeringLike] = []
     for raw in args.steering or []:
         try:
@@ -135,6 +136,9 @@ def steering_from(args: argparse.Namespace, *, lam_default: float = 0.1) -> list
         stack.append(LogitBias(bias=dict(args.logit_bias)))
     if args.margin:
         stack.append(Margin(tau=args.margin[0], gamma=args.margin[1]))
+    beta, eps = getattr(args, "plausibility", None), getattr(args, "kl_budget", None)
+    if beta is not None or eps is not None:
+        stack.append(Guard(plausibility=beta, kl_budget=eps))
     return stack
 
 
@@ -408,6 +412,10 @@ def _steering(p: argparse.ArgumentParser) -> None:
     g.add_argument("--logit-bias", type=bias_arg, action="append", metavar="ID=VALUE")
     g.add_argument("--margin", type=float, nargs=2, metavar=("TAU", "GAMMA"),
                    help="margin calibration, placed last")
+    g.add_argument("--plausibility", type=float, metavar="BETA",
+                   help="fluency guard: drop tokens with frozen-model P < BETA·max P (placed last)")
+    g.add_argument("--kl-budget", type=float, metavar="NATS",
+                   help="fluency guard: per-step KL(steered ‖ frozen) budget (placed last)")
     g.add_argument("--steering", action="append", metavar="JSON",
                    help="a raw steering entry, e.g. '{\"type\": \"margin\", ...}' (repeatable)")
 

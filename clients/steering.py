@@ -212,6 +212,25 @@ class Margin(_Entry):
 
 
 @dataclass(frozen=True)
+class Guard(_Entry):
+    """Fluency guard, placed last (after ``Margin``): drop tokens the frozen model finds
+    implausible (``P < plausibility · max P``) and/or pull the steered logits back toward
+    the frozen ones until ``KL(steered ‖ frozen) ≤ kl_budget`` nats per step.
+
+    >>> Guard(plausibility=0.1, kl_budget=0.2).to_wire()
+    {'type': 'guard', 'plausibility': 0.1, 'kl_budget': 0.2}
+    """
+
+    type_name: ClassVar[str] = "guard"
+    plausibility: float | None = None
+    kl_budget: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.plausibility is None and self.kl_budget is None:
+            raise ValueError("Guard needs plausibility, kl_budget or both")
+
+
+@dataclass(frozen=True)
 class LogitBias(_Entry):
     """Additive bias per token id (OpenAI semantics, values in [-100, 100])."""
 
@@ -223,7 +242,9 @@ class LogitBias(_Entry):
         return {"type": self.type_name, "bias": {str(k): v for k, v in self.bias.items()}}
 
 
-SteeringLike = Ngram | Control | Ablate | Clamp | Fusion | Margin | LogitBias | Mapping[str, Any]
+SteeringLike = (
+    Ngram | Control | Ablate | Clamp | Fusion | Margin | Guard | LogitBias | Mapping[str, Any]
+)
 
 
 def steering_to_wire(entry: SteeringLike) -> dict[str, Any]:

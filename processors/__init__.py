@@ -8,6 +8,7 @@ from processors import (  # noqa: F401  (registers the processors)
     calibration,
     control,
     fusion,
+    guard,
     logit_bias,
     ngram,
 )

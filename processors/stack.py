@@ -89,7 +89,7 @@ def parse_stack(
 
 # Types of which a second entry has no meaning (a second guard after the first is a no-op
 # or contradicts it).
-_SINGLETONS = {"margin", "fusion"}
+_SINGLETONS = {"margin", "fusion", "guard"}
 
 
 def stack_warnings(stack: Sequence[StackEntry]) -> list[str]:
@@ -106,9 +106,23 @@ def stack_warnings(stack: Sequence[StackEntry]) -> list[str]:
                 "steering: the 'margin' entry has no steering before it to guard; it has no "
                 "effect"
             )
-        if any(t not in _IN_FORWARD for t in types[i + 1 :]):
+        # The fluency guard belongs after margin (it guards the calibrated distribution).
+        if any(t not in _IN_FORWARD and t != "guard" for t in types[i + 1 :]):
             warnings.append(
                 "steering: entries after 'margin' are not guarded by it; put 'margin' last"
+            )
+    if "guard" in types:
+        i = types.index("guard")
+        guarded = [t for t in types[:i] if t != "margin"] + [t for t in types if t in _IN_FORWARD]
+        if not guarded:
+            warnings.append(
+                "steering: the 'guard' entry has no steering before it to guard; it has no "
+                "effect"
+            )
+        if any(t not in _IN_FORWARD for t in types[i + 1 :]):
+            warnings.append(
+                "steering: entries after 'guard' are not guarded by it; put 'guard' last "
+                "(after 'margin')"
             )
     return warnings
 

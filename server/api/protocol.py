@@ -30,7 +30,7 @@ class SteeringEntry(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     type: StrictStr = Field(
-        description="ngram | control | fusion | margin | logit_bias"
+        description="ngram | control | fusion | margin | guard | logit_bias"
     )
 
 

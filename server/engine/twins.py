@@ -4,8 +4,9 @@ Diagnostics (and calibration) compare the steered distribution with the frozen m
 ``base_logits``. For logits processors those are simply the forward's logits; a control
 vector, however, steers the forward itself, so its logits are already steered. For each
 control-steered row that needs the reference (it asked for diagnostics, or it has a
-``margin`` entry) the engine keeps a *twin*: a row of a second :class:`BatchState` with its
-own KV cache, fed the same tokens as its owner but run without any delta.
+``margin`` or ``guard`` entry) the engine keeps a *twin*: a row of a second
+:class:`BatchState` with its own KV cache, fed the same tokens as its owner but run
+without any delta.
 
 * The twin's prompt is prefilled in the **same forward** as its owner's group (an extra
   row with zero delta; a twin whose prompt is unsteered — ``positions: "generated"`` —
@@ -35,10 +36,12 @@ from server.engine.types import GenerationRequest
 
 def wants_twin(request: GenerationRequest, specs: Sequence[ControlSpec]) -> bool:
     """Whether ``request`` needs unsteered reference logits: it has a control entry that
-    changes something, and diagnostics on or a ``margin`` entry."""
+    changes something, and diagnostics on or a ``margin`` or ``guard`` entry."""
     if not any(s.alpha != 0.0 for s in specs):
         return False
-    return request.diagnostics != "off" or any(e.type == "margin" for e in request.steering)
+    return request.diagnostics != "off" or any(
+        e.type in ("margin", "guard") for e in request.steering
+    )
 
 
 def select_rows(cache: DynamicCache, idx: torch.Tensor, config: Any) -> DynamicCache:

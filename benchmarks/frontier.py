@@ -1,0 +1,306 @@
+"""The style/fluency frontier: does the fluency guard beat plain injection? (issue 16)
+
+For a corpus prior and a prompt set (chat prompts, greedy, fixed length, EOS ignored) each
+method is run over a λ grid (``steering.0.lambda`` of its n-gram entry):
+
+* *style gain* = log style-PPL(unsteered) − log style-PPL(stack), nats/token, averaged
+  over prompts (style PPL under the corpus prior);
+* *fluency budget*: base-model PPL (the frozen model's PPL of the emitted tokens, pooled
+  over prompts) ≤ 1.3× unsteered **and** mean distinct-2 ≥ 0.8× unsteered;
+* *frontier value* of a method = its largest style gain within the budget over the grid,
+  interpolated linearly in λ between the last grid point inside and the first outside.
+
+The report is the frontier ratio of each guard method to plain injection per corpus, a
+table of every point, and ``docs/frontier.png`` (style PPL against base PPL, one curve per
+method, budget lines drawn). The engine runs in-process (the app under a test client,
+no sockets); each prompt is one ``/v1/sweep`` holding every method × λ point, so all of
+them decode as one batch.
+
+Tuning split (stated in docs/frontier.md): the guard settings were chosen on ``kjv`` with
+``TUNE_PROMPTS``; the reported rows use ``PROMPTS`` (disjoint) on ``kjv`` and on
+``fortunes`` (a corpus not tuned on at all). ``--tune`` runs the tuning set instead.
+
+``--overhead`` measures the guard's step-time ratio at batch 8 (target ≤ 1.05×): ngram vs
+ngram + guard, interleaved rounds, medians.
+
+    python benchmarks/frontier.py [--prompts 12] [--tokens 32] [--out docs/frontier.md]
+    python benchmarks/frontier.py --overhead [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import EMBEDDED, ROOT, machine, median, report_ratio  # noqa: E402
+
+LAMBDAS = [0.0, 0.1, 0.25, 0.5, 1.0, 1.5]
+QUICK_LAMBDAS = [0.0, 0.2, 0.5, 1.0]
+PER_SWEEP = 2  # prompts per /v1/sweep (2 × 21 points = a batch of 42)
+BASE_LIMIT = 1.3  # base PPL ≤ 1.3 × unsteered
+D2_LIMIT = 0.8  # distinct-2 ≥ 0.8 × unsteered
+
+# Guard settings were tuned on kjv with these prompts only.
+TUNE_PROMPTS = [
+    "Tell me about the sea.", "What should a good king do?", "Describe a morning in the city.",
+    "Give advice to a young traveller.", "What is love?", "Why do people tell stories?",
+]
+# Held out: never used while choosing the guard settings.
+PROMPTS = [
+    "Describe your favourite meal.", "What makes a good friend?", "Explain how rain forms.",
+    "Write a note to a neighbour.", "What is the best way to learn?", "Describe a storm.",
+    "What do you think about cities at night?", "How should we treat strangers?",
+    "Tell me about a mountain.", "What is courage?", "Describe a market in summer.",
+    "Why is honesty important?", "What happens when we forgive?", "Describe a long journey.",
+    "What is the meaning of home?", "How do you comfort someone who is sad?",
+]
+
+
+def methods(prior: str) -> dict[str, list[dict[str, Any]]]:
+    """The compared stacks; λ is set by the grid at ``steering.0.lambda``."""
+    ng = {"type": "ngram", "prior": prior, "lambda": 0.0, "allow_lambda_above_one": True}
+    return {
+        "plain": [ng],
+        "margin τ0.5 γ1": [ng, {"type": "margin", "tau": 0.5, "gamma": 1.0}],
+        "guard β0.1": [ng, {"type": "guard", "plausibility": 0.1}],
+        "guard ε0.5": [ng, {"type": "guard", "kl_budget": 0.5}],
+    }
+
+
+def distinct2(tokens: list[int]) -> float:
+    """Distinct bigrams / bigrams of one output (1.0 = no repeated bigram)."""
+    pairs = list(zip(tokens, tokens[1:], strict=False))
+    return len(set(pairs)) / len(pairs) if pairs else 1.0
+
+
+@contextmanager
+def in_process_client(max_batch: int) -> Iterator[Any]:
+    """The app with the embedded model under Starlette's test client (engine in-process)."""
+    from fastapi.testclient import TestClient
+
+    from server.api.app import create_app
+    from server.loading import load_model
+    from server.settings import Settings
+
+    settings = Settings(model=EMBEDDED, max_batch_size=max_batch, max_sweep_points=512,
+                        log_level="warning")
+    bundle = load_model(EMBEDDED, settings.data_dir)
+    with TestClient(create_app(settings, bundle=bundle)) as client:
+        yield client
+
+
+def run_corpus(c: Any, corpus: str, prompts: list[str], lambdas: list[float],
+               tokens: int) -> dict[str, list[dict[str, float]]]:
+    """Per method, one dict per λ: style gain, base PPL, distinct-2 (over ``prompts``)."""
+    prior = f"frontier-{corpus}-{os.getpid()}"
+    c.post("/v1/priors", json={"name": prior, "corpus": corpus}).raise_for_status()
+    try:
+        named = methods(prior)
+        names = list(named)
+        per: dict[tuple[str, float], list[tuple[float, float, float]]] = {}
+        # λ = 0 is the unsteered run for every method: run it once (plain).
+        points = [(n, lam) for n in names for lam in lambdas if lam > 0 or n == "plain"]
+        grid_stacks = []
+        for n, lam in points:
+            stack = [dict(e) for e in named[n]]
+            stack[0]["lambda"] = lam
+            grid_stacks.append(stack)
+        # PER_SWEEP prompts per /v1/sweep: every prompt × point of it decodes as one batch.
+        for i in range(0, len(prompts), PER_SWEEP):
+            chunk = prompts[i : i + PER_SWEEP]
+            req = {"messages": [{"role": "user", "content": chunk[0]}], "max_tokens": tokens,
+                   "temperature": 0, "ignore_eos": True, "diagnostics": True}
+            grid = {"messages": [[{"role": "user", "content": p}] for p in chunk],
+                    "steering": grid_stacks}
+            r = c.post("/v1/sweep", json={"request": req, "grid": grid})
+            r.raise_for_status()
+            keys = [key for _ in chunk for key in points]  # the last axis varies fastest
+            for point, key in zip(r.json()["results"], keys, strict=True):
+                resp = point["response"]
+                d = resp["diagnostics"]
+                per.setdefault(key, []).append(
+                    (d["style_nll_mean"], d["base_nll_mean"], distinct2(resp["token_ids"])))
+            print(f"{corpus}: prompts {i + len(chunk)}/{len(prompts)} done", flush=True)
+    finally:
+        c.delete(f"/v1/priors/{prior}")
+    out: dict[str, list[dict[str, float]]] = {}
+    ref = per[("plain", 0.0)]
+    for n in names:
+        rows = []
+        for lam in lambdas:
+            xs = per[("plain", 0.0)] if lam == 0 else per[(n, lam)]
+            gain = statistics.fmean(r[0] - x[0] for r, x in zip(ref, xs, strict=True))
+            rows.append({
+                "lambda": lam, "gain": gain,
+                "style_ppl": math.exp(statistics.fmean(x[0] for x in xs)),
+                "base_ppl": math.exp(statistics.fmean(x[1] for x in xs)),
+                "d2": statistics.fmean(x[2] for x in xs),
+            })
+        out[n] = rows
+    return out
+
+
+def frontier_value(rows: list[dict[str, float]]) -> tuple[float, float]:
+    """(largest in-budget style gain, the λ where it is reached), interpolating in λ.
+
+    Every in-budget grid point counts; between an in-budget point and the next grid
+    point outside, the budget boundary is located by linear interpolation of base PPL
+    and distinct-2 in λ, and the gain is interpolated there.
+    """
+    base0, d20 = rows[0]["base_ppl"], rows[0]["d2"]
+
+    def slack(r: dict[str, float]) -> tuple[float, float]:
+        return BASE_LIMIT * base0 - r["base_ppl"], r["d2"] - D2_LIMIT * d20
+
+    best, at = 0.0, 0.0
+    for r0, r1 in zip(rows, rows[1:], strict=False):
+        s0 = slack(r0)
+        if min(s0) < 0:
+            continue
+        if r0["gain"] > best:
+            best, at = r0["gain"], r0["lambda"]
+        s1 = slack(r1)
+        if min(s1) >= 0:
+            continue
+        # Fraction of the step at which the first constraint reaches its limit.
+        t = min(a / (a - b) for a, b in zip(s0, s1, strict=True) if b < 0)
+        gain = r0["gain"] + t * (r1["gain"] - r0["gain"])
+        if gain > best:
+            best, at = gain, r0["lambda"] + t * (r1["lambda"] - r0["lambda"])
+    last = rows[-1]
+    if min(slack(last)) >= 0 and last["gain"] > best:
+        best, at = last["gain"], last["lambda"]
+    return best, at
+
+
+def plot(results: dict[str, dict[str, list[dict[str, float]]]], path: Path) -> None:
+    """Style PPL against base PPL, one panel per corpus, one curve per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, (label, by_method) in zip(axes[0], results.items(), strict=True):
+        for name, rows in by_method.items():
+            ax.plot([r["base_ppl"] for r in rows], [r["style_ppl"] for r in rows], marker="o",
+                    label=name, linestyle="--" if name.startswith(("plain", "margin")) else "-")
+        base0 = next(iter(by_method.values()))[0]["base_ppl"]
+        ax.axvline(BASE_LIMIT * base0, color="grey", linewidth=1)
+        ax.text(BASE_LIMIT * base0, ax.get_ylim()[1], " base PPL 1.3×", va="top",
+                fontsize=8, color="grey")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("base-model PPL (lower = more fluent)")
+        ax.set_ylabel("style PPL under the prior (lower = more style)")
+        ax.set_title(label, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.text(0.01, 0.01, "Points outside the distinct-2 ≥ 0.8× budget are marked in the "
+             "table (docs/frontier.md).", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def quality(c: Any, args: argparse.Namespace) -> str:
+    lambdas = QUICK_LAMBDAS if args.quick else LAMBDAS
+    if args.tune:
+        sets = [("kjv", "kjv, tuning prompts", TUNE_PROMPTS[: args.prompts])]
+    else:
+        sets = [("kjv", "kjv, held-out prompts", PROMPTS[: args.prompts]),
+                ("fortunes", "fortunes (held-out corpus and prompts)",
+                 PROMPTS[: args.prompts])]
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for corpus, label, prompts in sets:
+        results[label] = run_corpus(c, corpus, prompts, lambdas, args.tokens)
+    lines = [f"{args.tokens} tokens per prompt, greedy, EOS ignored; λ grid {lambdas}; "
+             f"{args.prompts} prompts per set.", ""]
+    lines += ["| set | method | frontier value (nats/token) | at λ | ratio to plain |",
+              "|---|---|---|---|---|"]
+    for label, by_method in results.items():
+        plain_v, _ = frontier_value(by_method["plain"])
+        for name, rows in by_method.items():
+            v, at = frontier_value(rows)
+            ratio = v / plain_v if plain_v > 0 else math.inf
+            lines.append(f"| {label} | {name} | {v:.3f} | {at:.2f} | {ratio:.2f}× |")
+            if name != "plain" and name.startswith("guard") and not args.tune:
+                short = label.split(" ")[0].rstrip(",")
+                report_ratio(f"frontier {name} / plain, {short}", ratio, ">=", 1.5)
+    lines += ["", "| set | method | λ | style gain | style PPL | base PPL (× unsteered) "
+              "| distinct-2 (× unsteered) | in budget |", "|---|---|---|---|---|---|---|---|"]
+    for label, by_method in results.items():
+        for name, rows in by_method.items():
+            b0, d0 = rows[0]["base_ppl"], rows[0]["d2"]
+            for r in rows:
+                ok = r["base_ppl"] <= BASE_LIMIT * b0 and r["d2"] >= D2_LIMIT * d0
+                lines.append(
+                    f"| {label} | {name} | {r['lambda']} | {r['gain']:.3f} | "
+                    f"{r['style_ppl']:.0f} | {r['base_ppl']:.2f} ({r['base_ppl'] / b0:.2f}×) | "
+                    f"{r['d2']:.3f} ({r['d2'] / d0:.2f}×) | {'yes' if ok else 'no'} |")
+    if args.plot:
+        plot(results, Path(args.plot))
+    return "\n".join(lines)
+
+
+def overhead(c: Any, args: argparse.Namespace) -> str:
+    prior = f"frontier-ovh-{os.getpid()}"
+    c.post("/v1/priors", json={"name": prior, "corpus": "kjv"}).raise_for_status()
+    ng = {"type": "ngram", "prior": prior, "lambda": 0.3}
+    req = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": args.tokens,
+           "temperature": 0, "ignore_eos": True}
+    variants = {
+        "ngram": [ng],
+        "ngram+guard": [ng, {"type": "guard", "plausibility": 0.1, "kl_budget": 1.0}],
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    try:
+        for _ in range(args.rounds):
+            for name, stack in variants.items():
+                t0 = time.perf_counter()
+                c.post("/v1/sweep", json={"request": {**req, "steering": stack},
+                                          "grid": {"seed": list(range(8))}}).raise_for_status()
+                times[name].append((time.perf_counter() - t0) / args.tokens * 1000)
+    finally:
+        c.delete(f"/v1/priors/{prior}")
+    med = {k: median(v) for k, v in times.items()}
+    ratio = med["ngram+guard"] / med["ngram"]
+    report_ratio("guard step time, batch 8", ratio, "<=", 1.05)
+    return (f"batch 8, {args.rounds} rounds × {args.tokens} tokens (prefill included), median "
+            f"ms/token-step: ngram {med['ngram']:.1f}, ngram+guard (β0.1 ε1) "
+            f"{med['ngram+guard']:.1f}; guard overhead ratio {ratio:.3f}× (target ≤ 1.05)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--prompts", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--overhead", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="run the kjv tuning prompts")
+    ap.add_argument("--quick", action="store_true", help="a 4-point λ grid (smoke run)")
+    ap.add_argument("--max-batch", type=int, default=48)
+    ap.add_argument("--out", help="write the report (markdown) here")
+    ap.add_argument("--plot", help="write the frontier plot (PNG) here")
+    args = ap.parse_args()
+    t0 = time.monotonic()
+    with in_process_client(args.max_batch) as c:
+        text = overhead(c, args) if args.overhead else quality(c, args)
+    text += f"\n\nWall time {time.monotonic() - t0:.0f} s on: {machine()}"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    main()
