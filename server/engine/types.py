@@ -92,6 +92,9 @@ class FinishEvent:
     prompt_tokens: int
     completion_tokens: int
     diagnostics: dict[str, Any] | None = None
+    # Summary of per-step scalars recorded inside the forward by control-vector hooks
+    # (``processors.control.summarize_receipt``); None when there were none.
+    receipt: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class RequestHandle:
     request: GenerationRequest
     cancelled: bool = field(default=False)
     submitted: float = 0.0  # time.monotonic() when the engine queued it
+    key: int = 0  # unique per engine, assigned at submit (keys auxiliary rows, etc.)
 
     def cancel(self) -> None:
         """Ask the engine to drop this request at the next step boundary."""
