@@ -242,20 +242,30 @@ class Engine:
             self._abort_everything()
 
     def _admit(self) -> list[tuple[RequestHandle, EventSink]]:
-        """Pop waiting requests that fit the batch and the prefill budget (lock held)."""
+        """Pop waiting requests that fit the batch and the prefill budget (lock held).
+
+        The budget is what the prefill forward really holds: the group is left-padded to
+        its longest prompt, so it costs ``distinct prompts × longest prompt`` tokens (rows
+        sharing a prompt, a sweep's points, share one prefill row). Admission stops at
+        the first request that would push the group past ``max_prefill_tokens``; a
+        request alone always fits (it is refused earlier if longer than the context).
+        """
         new: list[tuple[RequestHandle, EventSink]] = []
-        budget = self.config.max_prefill_tokens
+        prompts: set[tuple[int, ...]] = set()
+        longest = 0
         self._drop_waiting()
         while self._waiting and len(self.rows) + len(new) < self.config.max_batch_size:
             handle, sink = self._waiting[0]
-            cost = len(handle.request.prompt_ids)
-            if new and cost > budget:
+            ids = handle.request.prompt_ids
+            rows = len(prompts | {ids})
+            if new and rows * max(longest, len(ids)) > self.config.max_prefill_tokens:
                 break
             self._waiting.popleft()
             if handle.cancelled:
                 self._end_waiting(handle, sink, "abort", cancelled=True)
                 continue
-            budget -= cost
+            prompts.add(ids)
+            longest = max(longest, len(ids))
             new.append((handle, sink))
         return new
 

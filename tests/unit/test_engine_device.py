@@ -253,3 +253,36 @@ def test_host_syncs_per_step(tiny_bundle: Any, monkeypatch: pytest.MonkeyPatch) 
     assert steady and changing
     assert max(steady) == 1, per_step
     assert max(changing) <= 3, per_step
+
+
+# ------------------------------------------------------------ 20.8: admission
+def test_admission_budgets_rows_times_longest_prompt(tiny_bundle: Any) -> None:
+    tok = tiny_bundle.tokenizer
+    budget = 60
+    engine = Engine(tiny_bundle.model, tok,
+                    EngineConfig(max_batch_size=16, max_prefill_tokens=budget))
+    groups: list[list[int]] = []
+    real = engine.runner.prefill
+
+    def prefill(prompts: Any, phase: Any = None) -> Any:
+        groups.append([len(p) for p in prompts])
+        return real(prompts, phase)
+
+    engine.runner.prefill = prefill  # type: ignore[method-assign]
+    long = make_request(tok, "word " * 40, rid="long", max_tokens=2, temperature=0)
+    shorts = [make_request(tok, f"hi {i}", rid=f"s{i}", max_tokens=2, temperature=0)
+              for i in range(6)]
+    reqs = [long, *shorts]
+    qs: list[queue.Queue[Any]] = [queue.Queue() for _ in reqs]
+    engine.start()
+    try:
+        engine.submit_many([(r, q.put) for r, q in zip(reqs, qs, strict=True)])  # one admit
+        for q in qs:
+            collect_events(q)
+    finally:
+        engine.stop()
+    assert sum(len(g) for g in groups) == len(reqs)
+    for g in groups:  # what the padded prefill holds
+        assert len(g) == 1 or len(g) * max(g) <= budget, groups
+    # the sum-of-lengths rule would have put the long prompt with two short ones
+    assert len(groups[0]) == 1 and len(groups[0]) * max(groups[0]) > 40
