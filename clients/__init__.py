@@ -52,6 +52,8 @@ from clients.types import (
     StreamEvent,
     SweepPoint,
     SweepResponse,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 
@@ -63,7 +65,8 @@ __all__ = [
     "PayloadTooLargeError", "RateLimitError", "InternalServerError", "ServiceUnavailableError",
     "Ngram", "Control", "Fusion", "Margin", "LogitBias", "SteeringLike", "contrast_pairs",
     "SweepResult", "SweepRow", "token_overlap", "distinct_n",
-    "GenerateRequest", "GenerateResponse", "StreamEvent", "Usage", "SweepPoint",
+    "GenerateRequest", "GenerateResponse", "StreamEvent", "Usage", "TokenLogprob",
+    "TopLogprob", "SweepPoint",
     "SweepResponse", "Prior", "PriorList", "CorpusList", "ControlVector",
     "ControlVectorList", "Deleted", "ModelCard", "ModelList", "Health",
 ]

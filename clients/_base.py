@@ -12,9 +12,10 @@ not retry together.
 
 from __future__ import annotations
 
+import json
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -23,11 +24,16 @@ import httpx
 from pydantic import BaseModel
 
 from clients import exceptions as exc
+from clients._grid import apply_params, expand_grid, resolve_grid
+from clients.steering import SteeringLike
+from clients.sweep import SweepResult
 from clients.types import (
     ControlVectorCreate,
     GenerateRequest,
+    GenerateResponse,
     PriorCreate,
     SweepRequest,
+    SweepResponse,
 )
 
 __version__ = "0.1.0"
@@ -259,3 +265,137 @@ def models_spec() -> RequestSpec:
 def health_spec(timeout: float | None = None) -> RequestSpec:
     """``GET /health``: 503 is an answer (loading/draining/dead), not retried."""
     return RequestSpec("GET", "/health", accept=frozenset({503}), retry=False, timeout=timeout)
+
+
+# -------------------------------------------------------------------- sweep plan
+
+
+@dataclass(frozen=True)
+class SweepUnit:
+    """One HTTP call of a sweep: all of prompt ``prompt`` (``point`` None, via
+    ``/v1/sweep``) or one grid point of it (a single ``/v1/generate``)."""
+
+    prompt: int
+    point: int | None
+    spec: RequestSpec
+
+
+def missing_endpoint(error: exc.APIStatusError) -> bool:
+    """A 404 for the route itself (no ``param``: not an unknown prior or vector) or a 405:
+    the server predates ``/v1/sweep``."""
+    return error.status == 405 or (error.status == 404 and error.param is None)
+
+
+class SweepPlan:
+    """What a sweep sends and how answers combine; the sync and async clients only send.
+
+    Both clients drive it the same way: if :meth:`probe` gives a unit, send it first
+    (it finds out whether the server has ``/v1/sweep``) and report with :meth:`store` or
+    :meth:`probe_failed`; then send every unit of :meth:`units`, **at most
+    ``concurrency`` calls in flight** (one call is a whole prompt via ``/v1/sweep``, or
+    one point when falling back to single generates), and :meth:`store` each answer;
+    :meth:`result` assembles the table. Fallback requests are the prompt's generate body
+    with the point's values set (:func:`~clients._grid.apply_params`).
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str | list[int]],
+        steering: Sequence[SteeringLike] | None,
+        grid: Mapping[str, Sequence[Any]] | None,
+        lambdas: Sequence[float] | None,
+        options: Mapping[str, Any],
+        *,
+        concurrency: int,
+        server_sweep: bool | None,
+    ) -> None:
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of prompts, not one string")
+        if not prompts:
+            raise ValueError("prompts is empty")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.prompts = list(prompts)
+        self.grid = resolve_grid(steering, grid, lambdas)
+        self.points = expand_grid(self.grid)
+        self.bodies = [
+            GenerateRequest.build(p, steering=list(steering or []), **options).to_wire()
+            for p in prompts
+        ]
+        self.timeout: float | None = options.get("timeout")
+        self.concurrency = concurrency
+        self.server_sweep = server_sweep
+        self.results: list[list[GenerateResponse | None]] = [
+            [None] * len(self.points) for _ in self.bodies
+        ]
+        self._probed = False
+
+    @property
+    def total(self) -> int:
+        """Generations in the sweep (for a progress bar)."""
+        return len(self.bodies) * len(self.points)
+
+    def _sweep_unit(self, i: int) -> SweepUnit:
+        body = SweepRequest(request=self.bodies[i], grid=self.grid)
+        return SweepUnit(i, None, sweep_spec(body, self.timeout))
+
+    def probe(self, has_endpoint: bool | None) -> SweepUnit | None:
+        """The first prompt's ``/v1/sweep`` call when whether the server has the endpoint
+        is unknown (``has_endpoint`` None) and the caller left it to the SDK."""
+        if self.server_sweep is None and has_endpoint is None:
+            self._probed = True
+            return self._sweep_unit(0)
+        return None
+
+    def probe_failed(self, error: exc.APIStatusError) -> bool:
+        """False (fall back to single generates) for a missing endpoint; else re-raise."""
+        if not missing_endpoint(error):
+            raise error
+        return False
+
+    def units(self, has_endpoint: bool | None) -> list[SweepUnit]:
+        """The calls still to send (after the probe, if any)."""
+        use_sweep = self.server_sweep if self.server_sweep is not None else bool(has_endpoint)
+        first = 1 if self._probed and use_sweep else 0
+        if use_sweep:
+            return [self._sweep_unit(i) for i in range(first, len(self.bodies))]
+        return [
+            SweepUnit(i, j, RequestSpec(
+                "POST", "/v1/generate", json=apply_params(self.bodies[i], point),
+                timeout=self.timeout,
+            ))
+            for i in range(len(self.bodies))
+            for j, point in enumerate(self.points)
+        ]
+
+    @staticmethod
+    def model_of(unit: SweepUnit) -> type[SweepResponse] | type[GenerateResponse]:
+        """The response model of a unit's call."""
+        return SweepResponse if unit.point is None else GenerateResponse
+
+    def store(self, unit: SweepUnit, answer: BaseModel) -> int:
+        """Record a unit's answer; the number of generations it completed."""
+        if unit.point is not None:
+            assert isinstance(answer, GenerateResponse)
+            self.results[unit.prompt][unit.point] = answer
+            return 1
+        assert isinstance(answer, SweepResponse)
+        by_params = {json.dumps(r.params, sort_keys=True): r.response for r in answer.results}
+        try:
+            self.results[unit.prompt] = [
+                by_params[json.dumps(p, sort_keys=True)] for p in self.points
+            ]
+        except KeyError as e:
+            raise exc.APIStatusError(
+                f"/v1/sweep did not return grid point {e.args[0]}", status=200
+            ) from None
+        return len(self.points)
+
+    def result(self) -> SweepResult:
+        """The finished sweep (every unit stored)."""
+        rows: list[list[GenerateResponse]] = []
+        for per_prompt in self.results:
+            done = [r for r in per_prompt if r is not None]
+            assert len(done) == len(per_prompt), "a sweep unit was not stored"
+            rows.append(done)
+        return SweepResult.from_responses(self.prompts, self.grid, rows)

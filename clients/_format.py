@@ -1,4 +1,4 @@
-"""Plain-text tables and key/value listings for the CLI."""
+"""Plain-text tables and key/value listings (the CLI's and ``SweepResult``'s)."""
 
 from __future__ import annotations
 
@@ -22,14 +22,16 @@ def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """Left-aligned columns with a header; ``(none)`` for no rows."""
     if not rows:
         return "(none)"
-    body = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(line[i]) for line in body)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    lines += [
-        "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip()
-        for line in body
-    ]
-    return "\n".join(lines)
+    return aligned(columns, [[cell(r.get(c)) for c in columns] for r in rows])
+
+
+def aligned(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """Cells already as text, in left-aligned columns two spaces apart, under ``header``."""
+    widths = [max([len(h), *(len(line[i]) for line in lines)]) for i, h in enumerate(header)]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in [list(header), *lines]
+    )
 
 
 def keyvalues(data: Mapping[str, Any]) -> str:

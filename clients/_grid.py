@@ -26,21 +26,19 @@ def expand_grid(grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
 
 def set_path(body: dict[str, Any], path: str, value: Any) -> None:
     """Set ``body[a][b]...`` for ``path = "a.b..."`` in place; missing dict keys are
-    created, list items must exist."""
+    created, list items must exist (indices ``0 .. len-1``, as the server accepts)."""
     parts = path.split(".")
     node: Any = body
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         where = ".".join(parts[: i + 1])
         if isinstance(node, list):
-            try:
-                index = int(part)
-                if not -len(node) <= index < len(node):
-                    raise IndexError
-            except (ValueError, IndexError):
+            # Decimal digits only, like the server: no negative (from-the-end) indices.
+            if not part.isdigit() or int(part) >= len(node):
                 raise ValueError(
                     f"grid path '{path}': '{where}' is not an index of a list of {len(node)}"
-                ) from None
+                )
+            index = int(part)
             if last:
                 node[index] = value
             else:

@@ -13,7 +13,6 @@ they differ only in how they wait.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +25,6 @@ from typing_extensions import Unpack
 from clients import _base as base
 from clients import exceptions as exc
 from clients._base import BaseClient, M, RequestSpec
-from clients._grid import apply_params, expand_grid, resolve_grid
 from clients._progress import Progress
 from clients.resources import AsyncControlVectors, AsyncPriors, ControlVectors, Priors
 from clients.steering import SteeringLike
@@ -39,44 +37,10 @@ from clients.types import (
     Health,
     ModelList,
     SamplingOptions,
-    SweepRequest,
     SweepResponse,
 )
 
 DEFAULT_SWEEP_CONCURRENCY = 4
-
-
-def _missing_endpoint(error: exc.APIStatusError) -> bool:
-    """A 404 for the route itself (no ``param``: not an unknown prior or vector) or a 405:
-    the server predates ``/v1/sweep``."""
-    return error.status == 405 or (error.status == 404 and error.param is None)
-
-
-def _sweep_bodies(
-    prompts: Sequence[str | list[int]], steering: Sequence[SteeringLike] | None,
-    options: dict[str, Any],
-) -> list[dict[str, Any]]:
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a list of prompts, not one string")
-    if not prompts:
-        raise ValueError("prompts is empty")
-    return [
-        GenerateRequest.build(p, steering=list(steering or []), **options).to_wire()
-        for p in prompts
-    ]
-
-
-def _order_points(
-    response: SweepResponse, points: list[dict[str, Any]]
-) -> list[GenerateResponse]:
-    """The server's results in the client's grid order (matched by params)."""
-    by_params = {json.dumps(r.params, sort_keys=True): r.response for r in response.results}
-    try:
-        return [by_params[json.dumps(p, sort_keys=True)] for p in points]
-    except KeyError as e:
-        raise exc.APIStatusError(
-            f"/v1/sweep did not return grid point {e.args[0]}", status=200
-        ) from None
 
 
 class SteerClient(BaseClient):
@@ -165,11 +129,12 @@ class SteerClient(BaseClient):
     def stream(
         self, prompt: str | list[int] | None = None, **options: Unpack[GenerateOptions]
     ) -> Stream:
-        """``POST /v1/generate`` with ``stream: true``: a :class:`Stream` of events.
-        HTTP errors raise here; an in-band error frame raises while iterating."""
+        """``POST /v1/generate`` with ``stream: true``: a :class:`Stream` of events, sent
+        on first use (``with`` or iteration), where HTTP errors raise; an in-band error
+        frame raises while iterating."""
         timeout = options.get("timeout")
-        body = GenerateRequest.build(prompt, **options)
-        return Stream(self.request(base.stream_spec(body, timeout), stream=True))
+        spec = base.stream_spec(GenerateRequest.build(prompt, **options), timeout)
+        return Stream(lambda: self.request(spec, stream=True))
 
     def sweep(
         self,
@@ -188,56 +153,33 @@ class SteerClient(BaseClient):
         ``grid`` maps dotted paths of the generate request (``"steering.0.lambda"``,
         ``"temperature"``, ``"steering.0.bias.70"``) to values; ``lambdas=`` is short
         for ``{"steering.<i>.lambda": lambdas}`` with ``i`` the first Ngram entry. If the
-        server has no ``/v1/sweep`` (404/405), the points are sent as single generate
-        requests, at most ``concurrency`` at a time. ``server_sweep=False`` always does
+        server has no ``/v1/sweep`` (404/405, found out once with the first prompt), the
+        points are sent as single generate requests. ``server_sweep=False`` always does
         that (e.g. for grids over the server's ``max_sweep_points``); ``True`` never does.
+        ``concurrency`` is the most calls in flight at once (whole prompts via
+        ``/v1/sweep``, else single points), the same in :class:`AsyncSteerClient`.
         ``progress`` shows a tqdm bar (default: when stderr is a terminal and tqdm is
         installed).
         """
-        full_grid = resolve_grid(steering, grid, lambdas)
-        points = expand_grid(full_grid)
-        bodies = _sweep_bodies(prompts, steering, dict(options))
-        timeout = options.get("timeout")
-        results: list[list[GenerateResponse] | None] = [None] * len(bodies)
-        with Progress(len(bodies) * len(points), "sweep", progress) as bar:
-            for i, body in enumerate(bodies):
-                if server_sweep is False or (self._sweep_endpoint is False and not server_sweep):
-                    break
-                spec = base.sweep_spec(SweepRequest(request=body, grid=full_grid), timeout)
+        plan = base.SweepPlan(prompts, steering, grid, lambdas, options,
+                              concurrency=concurrency, server_sweep=server_sweep)
+        with Progress(plan.total, "sweep", progress) as bar:
+            if (probe := plan.probe(self._sweep_endpoint)) is not None:
                 try:
-                    answer = self.call(spec, SweepResponse)
+                    answer = self.call(probe.spec, SweepResponse)
                 except exc.APIStatusError as e:
-                    if server_sweep or not _missing_endpoint(e):
-                        raise
-                    self._sweep_endpoint = False
-                    break
-                self._sweep_endpoint = True
-                results[i] = _order_points(answer, points)
-                bar.update(len(points))
-            todo = [(i, j) for i, r in enumerate(results) if r is None for j in range(len(points))]
-            if todo:
-                self._fallback(bodies, points, todo, results, concurrency, timeout, bar)
-        return SweepResult.from_responses(prompts, full_grid, results)  # type: ignore[arg-type]
+                    self._sweep_endpoint = plan.probe_failed(e)
+                else:
+                    self._sweep_endpoint = True
+                    bar.update(plan.store(probe, answer))
 
-    def _fallback(
-        self, bodies: list[dict[str, Any]], points: list[dict[str, Any]],
-        todo: list[tuple[int, int]], results: list[Any], concurrency: int,
-        timeout: float | None, bar: Progress,
-    ) -> None:
-        """Single generate requests for the (prompt, point) pairs in ``todo``."""
-        for i in {i for i, _ in todo}:
-            results[i] = [None] * len(points)
+            def one(unit: base.SweepUnit) -> None:
+                bar.update(plan.store(unit, self.call(unit.spec, plan.model_of(unit))))
 
-        def one(ij: tuple[int, int]) -> None:
-            i, j = ij
-            wire = apply_params(bodies[i], points[j])
-            spec = RequestSpec("POST", "/v1/generate", json=wire, timeout=timeout)
-            results[i][j] = self.call(spec, GenerateResponse)
-            bar.update(1)
-
-        with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            for _ in pool.map(one, todo):
-                pass
+            with ThreadPoolExecutor(max_workers=plan.concurrency) as pool:
+                for _ in pool.map(one, plan.units(self._sweep_endpoint)):
+                    pass
+        return plan.result()
 
     def models(self) -> ModelList:
         """``GET /v1/models``: the main model and auxiliary models with their roles."""
@@ -339,49 +281,27 @@ class AsyncSteerClient(BaseClient):
         server_sweep: bool | None = None,
         **options: Unpack[SamplingOptions],
     ) -> SweepResult:
-        """See :meth:`SteerClient.sweep`; prompts are swept concurrently."""
-        full_grid = resolve_grid(steering, grid, lambdas)
-        points = expand_grid(full_grid)
-        bodies = _sweep_bodies(prompts, steering, dict(options))
-        timeout = options.get("timeout")
-        sem = asyncio.Semaphore(max(1, concurrency))
-        results: list[list[GenerateResponse]] = [[] for _ in bodies]
-
-        async def generate_point(body: dict[str, Any], point: dict[str, Any]) -> GenerateResponse:
-            wire = apply_params(body, point)
-            async with sem:
-                r = await self.call(RequestSpec("POST", "/v1/generate", json=wire,
-                                                timeout=timeout), GenerateResponse)
-            bar.update(1)
-            return r
-
-        async def one_prompt(i: int) -> None:
-            if server_sweep or (server_sweep is None and self._sweep_endpoint is not False):
-                spec = base.sweep_spec(SweepRequest(request=bodies[i], grid=full_grid), timeout)
+        """See :meth:`SteerClient.sweep` (the same plan, the same ``concurrency``)."""
+        plan = base.SweepPlan(prompts, steering, grid, lambdas, options,
+                              concurrency=concurrency, server_sweep=server_sweep)
+        sem = asyncio.Semaphore(plan.concurrency)
+        with Progress(plan.total, "sweep", progress) as bar:
+            if (probe := plan.probe(self._sweep_endpoint)) is not None:
                 try:
-                    async with sem:
-                        answer = await self.call(spec, SweepResponse)
+                    answer = await self.call(probe.spec, SweepResponse)
                 except exc.APIStatusError as e:
-                    if server_sweep or not _missing_endpoint(e):
-                        raise
-                    self._sweep_endpoint = False
+                    self._sweep_endpoint = plan.probe_failed(e)
                 else:
                     self._sweep_endpoint = True
-                    results[i] = _order_points(answer, points)
-                    bar.update(len(points))
-                    return
-            results[i] = list(
-                await asyncio.gather(*(generate_point(bodies[i], p) for p in points))
-            )
+                    bar.update(plan.store(probe, answer))
 
-        with Progress(len(bodies) * len(points), "sweep", progress) as bar:
-            if server_sweep is None and self._sweep_endpoint is None:  # probe once first
-                await one_prompt(0)
-                rest = range(1, len(bodies))
-            else:
-                rest = range(len(bodies))
-            await asyncio.gather(*(one_prompt(i) for i in rest))
-        return SweepResult.from_responses(prompts, full_grid, results)
+            async def one(unit: base.SweepUnit) -> None:
+                async with sem:
+                    answer = await self.call(unit.spec, plan.model_of(unit))
+                bar.update(plan.store(unit, answer))
+
+            await asyncio.gather(*(one(u) for u in plan.units(self._sweep_endpoint)))
+        return plan.result()
 
     async def models(self) -> ModelList:
         """``GET /v1/models``."""

@@ -13,14 +13,14 @@ arrives in-band as ``data: {"error": {...}}``; iterating raises it as the
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator
 from types import TracebackType
 
 import httpx
 
 from clients import exceptions as exc
 from clients._base import BaseClient
-from clients.types import GenerateResponse, StreamEvent, Usage
+from clients.types import GenerateResponse, StreamEvent, TokenLogprob
 
 DONE = "[DONE]"
 
@@ -70,81 +70,105 @@ def decode_event(data: str, response: httpx.Response | None) -> StreamEvent | No
     return StreamEvent.model_validate(payload)
 
 
-class _Collector:
-    """Accumulates events into the non-streaming response shape."""
+class _Reader:
+    """The sans-I/O part of a stream, shared by :class:`Stream` and :class:`AsyncStream`:
+    lines in, events out, and the events collected into the non-streaming answer."""
 
     def __init__(self) -> None:
+        self._decoder = SSEDecoder()
+        self.done = False
         self.text: list[str] = []
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None
         self.last: StreamEvent | None = None
 
-    def add(self, event: StreamEvent) -> None:
+    def feed(self, line: str | None, response: httpx.Response | None) -> StreamEvent | None:
+        """One line (``None`` at the end of the body); the event it completes, if any.
+        Sets :attr:`done` at ``[DONE]``; raises on an error frame."""
+        data = self._decoder.flush() if line is None else self._decoder.feed(line)
+        if data is None:
+            return None
+        event = decode_event(data, response)
+        if event is None:
+            self.done = True
+            return None
         self.text.append(event.text)
         self.token_ids.extend(event.token_ids)
+        if event.logprobs is not None:
+            self.logprobs = [*(self.logprobs or []), *event.logprobs]
         self.last = event
+        return event
 
     def response(self) -> GenerateResponse:
+        """Everything read so far as a :class:`GenerateResponse` (needs the final event)."""
         last = self.last
         if last is None or last.finish_reason is None:
             raise exc.APIConnectionError("the stream ended before its final event")
-        usage = last.usage or Usage(
-            prompt_tokens=0, completion_tokens=len(self.token_ids),
-            total_tokens=len(self.token_ids),
-        )
+        if last.usage is None:  # the server always sends it; never make counts up
+            raise exc.APIStatusError("the stream's final event has no usage", status=200)
         return GenerateResponse(
             id=last.id, model=last.model, text="".join(self.text), token_ids=self.token_ids,
-            finish_reason=last.finish_reason, usage=usage, diagnostics=last.diagnostics,
+            finish_reason=last.finish_reason, usage=last.usage, diagnostics=last.diagnostics,
+            logprobs=self.logprobs, warnings=last.warnings,
         )
 
 
 class Stream:
-    """A streaming generate (sync): iterate for :class:`StreamEvent`; use as a context
-    manager (or iterate to the end) so the connection is released."""
+    """A streaming generate (sync). The request is sent on first use, as with
+    :class:`AsyncStream`: ``for ev in client.stream(...)`` and
+    ``with client.stream(...) as s`` both work, and HTTP errors (e.g. a 400) are raised
+    there. Use it as a context manager (or iterate to the end) so the connection is
+    released."""
 
-    def __init__(self, response: httpx.Response) -> None:
-        self.response = response
-        self._events = self._iter()
-        self._collector = _Collector()
+    def __init__(self, opener: Callable[[], httpx.Response]) -> None:
+        self._opener = opener
+        self.response: httpx.Response | None = None
+        self._events: Generator[StreamEvent, None, None] | None = None
+        self._reader = _Reader()
 
-    def _iter(self) -> Iterator[StreamEvent]:
-        decoder = SSEDecoder()
+    def _open(self) -> Generator[StreamEvent, None, None]:
+        if self._events is None:
+            self.response = self._opener()
+            self._events = self._iter(self.response)
+        return self._events
+
+    def _iter(self, response: httpx.Response) -> Generator[StreamEvent, None, None]:
+        reader = self._reader
         try:
-            for line in self.response.iter_lines():
-                data = decoder.feed(line)
-                if data is None:
-                    continue
-                event = decode_event(data, self.response)
-                if event is None:
+            for line in response.iter_lines():
+                event = reader.feed(line, response)
+                if reader.done:
                     return
-                self._collector.add(event)
-                yield event
-            tail = decoder.flush()
-            if tail is not None and (event := decode_event(tail, self.response)) is not None:
-                self._collector.add(event)
+                if event is not None:
+                    yield event
+            if (event := reader.feed(None, response)) is not None:
                 yield event
         except httpx.TransportError as e:
             raise _transport(e) from e
         finally:
-            self.response.close()
+            response.close()
 
     def __iter__(self) -> Iterator[StreamEvent]:
-        return self._events
+        return self._open()
 
     def __next__(self) -> StreamEvent:
-        return next(self._events)
+        return next(self._open())
 
     def collect(self) -> GenerateResponse:
         """Read the rest of the stream; the whole answer as a :class:`GenerateResponse`."""
-        for _ in self._events:
+        for _ in self._open():
             pass
-        return self._collector.response()
+        return self._reader.response()
 
     def close(self) -> None:
         """Stop reading and release the connection (the server cancels the request)."""
-        self._events.close()
-        self.response.close()
+        if self._events is not None:
+            self._events.close()
+        if self.response is not None:
+            self.response.close()
 
     def __enter__(self) -> Stream:
+        self._open()
         return self
 
     def __exit__(
@@ -161,30 +185,25 @@ class AsyncStream:
     def __init__(self, opener: Callable[[], Awaitable[httpx.Response]]) -> None:
         self._opener = opener
         self.response: httpx.Response | None = None
-        self._events: AsyncIterator[StreamEvent] | None = None
-        self._collector = _Collector()
+        self._events: AsyncGenerator[StreamEvent, None] | None = None
+        self._reader = _Reader()
 
-    async def _open(self) -> AsyncIterator[StreamEvent]:
+    async def _open(self) -> AsyncGenerator[StreamEvent, None]:
         if self._events is None:
             self.response = await self._opener()
             self._events = self._iter(self.response)
         return self._events
 
-    async def _iter(self, response: httpx.Response) -> AsyncIterator[StreamEvent]:
-        decoder = SSEDecoder()
+    async def _iter(self, response: httpx.Response) -> AsyncGenerator[StreamEvent, None]:
+        reader = self._reader
         try:
             async for line in response.aiter_lines():
-                data = decoder.feed(line)
-                if data is None:
-                    continue
-                event = decode_event(data, response)
-                if event is None:
+                event = reader.feed(line, response)
+                if reader.done:
                     return
-                self._collector.add(event)
-                yield event
-            tail = decoder.flush()
-            if tail is not None and (event := decode_event(tail, response)) is not None:
-                self._collector.add(event)
+                if event is not None:
+                    yield event
+            if (event := reader.feed(None, response)) is not None:
                 yield event
         except httpx.TransportError as e:
             raise _transport(e) from e
@@ -202,12 +221,12 @@ class AsyncStream:
         """Read the rest of the stream; the whole answer as a :class:`GenerateResponse`."""
         async for _ in self:
             pass
-        return self._collector.response()
+        return self._reader.response()
 
     async def aclose(self) -> None:
         """Stop reading and release the connection."""
         if self._events is not None:
-            await self._events.aclose()  # type: ignore[attr-defined]
+            await self._events.aclose()
         if self.response is not None:
             await self.response.aclose()
 

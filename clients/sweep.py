@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clients._format import aligned
 from clients._grid import expand_grid, reference_index
 from clients.types import GenerateResponse
 
@@ -273,13 +274,7 @@ def format_summary(summary: list[dict[str, Any]], keys: Sequence[str]) -> str:
         cells = [_fmt(entry[k]) for k in keys] + [str(entry["n"])]
         cells += [f"{_fmt(entry[m + '_mean'])} ± {_fmt(entry[m + '_std'])}" for m in metrics]
         lines.append(cells)
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
-    out += [
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    ]
-    return "\n".join(out)
+    return aligned(header, lines)
 
 
 def _fmt(value: Any) -> str:

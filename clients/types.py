@@ -61,6 +61,7 @@ class SamplingOptions(TypedDict, total=False):
     ignore_eos: bool
     min_tokens: int
     diagnostics: bool | Literal["steps"]
+    logprobs: int
     extra_body: JSON
     timeout: float
 
@@ -90,6 +91,8 @@ class GenerateRequest(_Request):
     stream: bool | None = None
     steering: list[JSON] | None = None
     diagnostics: bool | Literal["steps"] | None = None
+    #: Per-token log-probabilities with this many top alternatives (0 = the token's own).
+    logprobs: int | None = None
 
     @classmethod
     def build(
@@ -114,6 +117,22 @@ class Usage(_Response):
     total_tokens: int
 
 
+class TopLogprob(_Response):
+    """One of the top alternatives at a position."""
+
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(_Response):
+    """A generated token's log-probability under the steered distribution and the most
+    likely alternatives at its position (``logprobs=`` of them, most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
 class GenerateResponse(_Response):
     """The answer of a non-streaming ``POST /v1/generate``."""
 
@@ -124,6 +143,10 @@ class GenerateResponse(_Response):
     finish_reason: str
     usage: Usage
     diagnostics: JSON | None = None
+    #: One entry per token of ``token_ids`` when ``logprobs=`` was given.
+    logprobs: list[TokenLogprob] | None = None
+    #: Legal but probably unintended request settings the server noticed.
+    warnings: list[str] | None = None
 
 
 class StreamEvent(_Response):
@@ -137,6 +160,8 @@ class StreamEvent(_Response):
     finish_reason: str | None = None
     usage: Usage | None = None
     diagnostics: JSON | None = None
+    logprobs: list[TokenLogprob] | None = None
+    warnings: list[str] | None = None
 
 
 # --------------------------------------------------------------------------- sweep
@@ -190,6 +215,8 @@ class PriorCreate(_Request):
     max_documents: int | None = None
     estimator: str | None = None
     weights: list[float] | None = None
+    add_k: float | None = None
+    discount: float | None = None
 
 
 class Prior(_Response):
@@ -232,7 +259,16 @@ class ControlVectorCreate(_Request):
     """``POST /v1/control-vectors``: extract a direction per layer from prompt pairs."""
 
     name: str
-    pairs: list[dict[str, str]]
+    pairs: list[dict[str, str]] | None = None
+    #: Or let the server build the pairs: ``template`` with one ``{}`` filled from
+    #: ``positive_words``/``negative_words`` (zipped), or an inline ``{positive|negative}``;
+    #: every pair text gets each of ``suffixes`` appended; ``chat`` wraps texts in the
+    #: model's chat template.
+    template: str | None = None
+    positive_words: list[str] | None = None
+    negative_words: list[str] | None = None
+    suffixes: list[str] | None = None
+    chat: bool | None = None
     layers: list[int] | None = None
     method: str | None = None
 
@@ -265,6 +301,7 @@ class ModelCard(_Response):
 
     id: str
     object: str = "model"
+    owned_by: str | None = None
     role: str = "main"
     source: str | None = None
     vocab_size: int | None = None

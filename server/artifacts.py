@@ -13,7 +13,7 @@ so the JSON is the commit point: a crash leaves either no artifact or a complete
 an artifact whose JSON does not parse, whose data file is missing, differs from its
 checksum or fails the owner's decoder is *reported and skipped*, never loaded half.
 
-The store is generic: priors use it now, control vectors can reuse it with their own
+The store is generic: n-gram priors and control vectors both use it, each with its own
 ``kind`` and codec (:class:`ArtifactRegistry`).
 """
 
@@ -136,13 +136,14 @@ class ArtifactStore:
         data_path, meta_path = self._paths(name)
         payload = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
         digest = hashlib.sha256(payload).hexdigest()
+        created_at = time.time()
         record = {
             "format": STORE_FORMAT,
             "kind": self.kind,
             "name": name,
             "sha256": digest,
             "bytes": len(payload),
-            "created_at": time.time(),
+            "created_at": created_at,
             "meta": dict(meta),
         }
         text = json.dumps(record, indent=1, sort_keys=True, allow_nan=False).encode()
@@ -158,7 +159,7 @@ class ArtifactStore:
                     data_path.unlink()
                 raise
         return StoredArtifact(
-            name, dict(arrays), dict(meta), digest, len(payload), record["created_at"]
+            name, dict(arrays), dict(meta), digest, len(payload), created_at
         )
 
     def load(self, name: str) -> StoredArtifact:

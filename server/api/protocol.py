@@ -6,6 +6,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
+# The strict scalar types of every request model (no coercion: "1" is not 1, 1 is not
+# true); one home for the native, OpenAI, priors and control-vector models.
+StrictStr = Annotated[str, Strict()]
 StrictInt = Annotated[int, Strict()]
 StrictFloat = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 StrictBool = Annotated[bool, Strict()]
@@ -17,7 +20,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: Annotated[str, Strict()]
+    content: StrictStr
 
 
 class SteeringEntry(BaseModel):
@@ -26,7 +29,7 @@ class SteeringEntry(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    type: Annotated[str, Strict()] = Field(
+    type: StrictStr = Field(
         description="ngram | control | fusion | margin | logit_bias"
     )
 
@@ -36,7 +39,7 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: Annotated[str, Strict()] | list[StrictInt] | None = Field(
+    prompt: StrictStr | list[StrictInt] | None = Field(
         None, description="Raw text or token ids. Exactly one of prompt/messages."
     )
     messages: list[ChatMessage] | None = Field(
@@ -49,7 +52,7 @@ class GenerateRequest(BaseModel):
     min_p: StrictFloat = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: StrictFloat = Field(1.0, gt=0.0, le=10.0)
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
-    stop: Annotated[str, Strict()] | list[Annotated[str, Strict()]] | None = None
+    stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool = False
     min_tokens: StrictInt = Field(0, ge=0)
@@ -73,6 +76,22 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    """One of the top alternatives at a position."""
+
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """A generated token's log-probability under the steered distribution, with the
+    ``logprobs`` most likely alternatives at that position (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: list[TopLogprob]
+
+
 class GenerateResponse(BaseModel):
     """Non-streaming answer of ``POST /v1/generate``."""
 
@@ -83,8 +102,8 @@ class GenerateResponse(BaseModel):
     finish_reason: str
     usage: Usage
     diagnostics: dict[str, Any] | None = None
-    logprobs: list[dict[str, Any]] | None = Field(
-        None, description="Per token: {token_id, logprob, top: [{token_id, logprob}]}."
+    logprobs: list[TokenLogprob] | None = Field(
+        None, description="One entry per token of token_ids (when logprobs was set)."
     )
     warnings: list[str] | None = Field(
         None, description="Legal but probably unintended request settings."
@@ -102,7 +121,7 @@ class StreamEvent(BaseModel):
     finish_reason: str | None = None
     usage: Usage | None = None
     diagnostics: dict[str, Any] | None = None
-    logprobs: list[dict[str, Any]] | None = None
+    logprobs: list[TokenLogprob] | None = None
     warnings: list[str] | None = None
 
 
@@ -128,10 +147,13 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+HealthStatus = Literal["ok", "loading", "error", "draining"]
+
+
 class Health(BaseModel):
     """``GET /health``."""
 
-    status: Literal["ok", "loading", "error", "draining"]
+    status: HealthStatus
     model: str | None = None
     detail: str | None = None
     running: int = 0

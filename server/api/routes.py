@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,13 +11,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.api.convert import to_generation_request
+from server.api.disconnect import cancel_on_disconnect
 from server.api.errors import APIError, error_responses
 from server.api.protocol import (
     GenerateRequest,
     GenerateResponse,
     Health,
+    HealthStatus,
     ModelCard,
     ModelList,
+    StreamEvent,
+    TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from server.api.state import EventStream, StateDep, submit
@@ -36,11 +39,11 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-def logprob_entries(ev: TokenEvent) -> list[dict[str, Any]]:
+def logprob_entries(ev: TokenEvent) -> list[TokenLogprob]:
     """The native wire form of a token event's logprobs (aligned with its token ids)."""
     return [
-        {"token_id": t, "logprob": lp.logprob,
-         "top": [{"token_id": a, "logprob": v} for a, v in lp.top]}
+        TokenLogprob(token_id=t, logprob=lp.logprob,
+                     top=[TopLogprob(token_id=a, logprob=v) for a, v in lp.top])
         for t, lp in zip(ev.token_ids, ev.logprobs or (), strict=False)
     ]
 
@@ -48,15 +51,6 @@ def logprob_entries(ev: TokenEvent) -> list[dict[str, Any]]:
 def error_payload(ev: ErrorEvent) -> dict[str, Any]:
     """An engine error as the envelope (sent in-band when a stream already started)."""
     return APIError(ev.code, ev.message, type=ev.type).body()
-
-
-async def watch_disconnect(request: Request, stream: EventStream) -> None:
-    """Cancel the engine request when the HTTP client goes away (non-streaming)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            stream.cancel()
-            return
 
 
 @router.post(
@@ -78,14 +72,8 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep) -> 
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    watcher = asyncio.create_task(watch_disconnect(request, stream))
-    try:
+    async with cancel_on_disconnect(request, stream.cancel):
         response = await collect(stream, req.request_id, model, req.warnings)
-    finally:
-        stream.cancel()
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
     return JSONResponse(response.model_dump(exclude_none=True))
 
 
@@ -95,7 +83,7 @@ async def collect(
     """Wait for a request's events and assemble the non-streaming response."""
     tokens: list[int] = []
     text: list[str] = []
-    logprobs: list[dict[str, Any]] | None = None
+    logprobs: list[TokenLogprob] | None = None
     async for ev in stream.events():
         if isinstance(ev, TokenEvent):
             tokens.extend(ev.token_ids)
@@ -129,34 +117,40 @@ async def collect(
 async def _stream_frames(
     stream: EventStream, request_id: str, model: str, warnings: tuple[str, ...] = ()
 ) -> AsyncIterator[bytes]:
-    """SSE frames for one request; cancels the engine row if the client disconnects."""
+    """SSE frames (each a :class:`StreamEvent`) for one request; cancels the engine row
+    if the client disconnects."""
     try:
         async for ev in stream.events():
             if isinstance(ev, TokenEvent):
-                frame = {"id": request_id, "model": model, "text": ev.text,
-                         "token_ids": list(ev.token_ids), "finish_reason": None}
-                if ev.logprobs is not None:
-                    frame["logprobs"] = logprob_entries(ev)
-                yield sse(frame)
+                yield stream_frame(StreamEvent(
+                    id=request_id, model=model, text=ev.text, token_ids=list(ev.token_ids),
+                    logprobs=None if ev.logprobs is None else logprob_entries(ev),
+                ))
             elif isinstance(ev, FinishEvent):
-                usage = {
-                    "prompt_tokens": ev.prompt_tokens,
-                    "completion_tokens": ev.completion_tokens,
-                    "total_tokens": ev.prompt_tokens + ev.completion_tokens,
-                }
-                frame = {"id": request_id, "model": model, "text": ev.text, "token_ids": [],
-                         "finish_reason": ev.finish_reason, "usage": usage}
-                if ev.diagnostics is not None:
-                    frame["diagnostics"] = ev.diagnostics
-                if warnings:
-                    frame["warnings"] = list(warnings)
-                yield sse(frame)
+                yield stream_frame(StreamEvent(
+                    id=request_id, model=model, text=ev.text, token_ids=[],
+                    finish_reason=ev.finish_reason,
+                    usage=Usage(
+                        prompt_tokens=ev.prompt_tokens,
+                        completion_tokens=ev.completion_tokens,
+                        total_tokens=ev.prompt_tokens + ev.completion_tokens,
+                    ),
+                    diagnostics=ev.diagnostics,
+                    warnings=list(warnings) or None,
+                ))
             else:
                 assert isinstance(ev, ErrorEvent)
                 yield sse(error_payload(ev))
         yield sse("[DONE]")
     finally:
         stream.cancel()
+
+
+def stream_frame(event: StreamEvent) -> bytes:
+    """One ``StreamEvent`` as an SSE frame: ``finish_reason`` is always present (``null``
+    until the last frame); the optional extras only when set."""
+    extras = ("usage", "diagnostics", "logprobs", "warnings")
+    return sse(event.model_dump(exclude={k for k in extras if getattr(event, k) is None}))
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(503))
@@ -193,12 +187,14 @@ async def list_models(state: StateDep) -> ModelList:
 async def health(state: StateDep) -> JSONResponse:
     """200 when the engine is ready; 503 while loading, draining or after a failure."""
     engine = state.engine
+    status: HealthStatus
+    detail: str | None
     if state.status == "ok" and engine is not None and not engine.alive:
         status, detail = "error", engine.dead or "the engine stopped"
     else:
         status, detail = state.status, state.detail
     body = Health(
-        status=status,  # type: ignore[arg-type]
+        status=status,
         model=state.bundle.name if state.bundle else None,
         detail=detail,
         running=engine.running if engine else 0,

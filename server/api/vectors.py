@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from processors.base import ParamError
@@ -37,6 +37,7 @@ from processors.control import (
 )
 from processors.control_gguf import GGUFFormatError, read_control_gguf, write_control_gguf
 from server.api.errors import APIError, artifact_or_404, error_responses
+from server.api.protocol import StrictBool, StrictStr
 from server.api.state import ServerState, StateDep
 from server.artifacts import (
     ArtifactExistsError,
@@ -51,7 +52,6 @@ from server.engine.padding import attention_mask_4d, left_pad, model_takes_4d_ma
 log = logging.getLogger("steerserve.control")
 router = APIRouter()
 
-StrictStr = Annotated[str, Strict()]
 MAX_PAIRS = 1024  # pairs per extraction (texts run = 2 × pairs); more is a 413
 MAX_TEXT_TOKENS = 512  # tokens per pair text
 EXTRACT_BATCH = 16  # texts per forward
@@ -93,7 +93,7 @@ class VectorCreate(BaseModel):
     suffixes: list[StrictStr] | None = Field(
         None, description="Appended to every pair text; pairs × suffixes are used."
     )
-    chat: Annotated[bool, Strict()] = Field(
+    chat: StrictBool = Field(
         False,
         description="Wrap each text (before its suffix) as a user message in the model's chat "
         "template with the assistant turn opened; the suffix starts the answer.",

@@ -23,6 +23,28 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+def layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys, values`` ``(B, H_kv, L, head_dim)`` of one filled attention layer.
+
+    ``DynamicCache.layers`` is typed as a union that includes linear-attention layers
+    (no keys/values) and unfilled ones (``None``); the models served here only have
+    filled full-attention layers by the time the engine touches them, so anything else
+    is a bug, raised here rather than as an ``AttributeError`` deep inside a gather.
+    """
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TypeError(f"expected a filled attention cache layer, got {type(layer).__name__}")
+    return keys, values
+
+
+def set_layer_kv(layer: object, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace one attention layer's ``keys, values`` (see :func:`layer_kv`)."""
+    if not isinstance(layer, DynamicLayer):
+        raise TypeError(f"expected a DynamicLayer, got {type(layer).__name__}")
+    layer.keys, layer.values = keys, values
 
 _HOST = torch.device("cpu")
 

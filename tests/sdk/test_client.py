@@ -90,9 +90,12 @@ def test_bad_request_maps_to_400_with_param(client):
     assert info.value.param.startswith("steering.0")
 
 
-def test_stream_http_error_raises_before_iterating(client):
+def test_stream_http_error_raises_on_first_use(client):
+    stream = client.stream("x", max_tokens=0)  # lazy, like the async client: nothing sent
+    assert stream.response is None
     with pytest.raises(BadRequestError):
-        client.stream("x", max_tokens=0)
+        with stream:
+            pass
 
 
 def test_unknown_endpoint_is_not_found(client):
