@@ -33,6 +33,11 @@ def register(cls: type[Processor[Any]], *, in_forward: bool = False) -> type[Pro
     return cls
 
 
+def acts_in_forward(type_name: str) -> bool:
+    """Whether entries of ``type_name`` act inside the forward pass (no logits stage)."""
+    return type_name in _IN_FORWARD
+
+
 def registered_types() -> list[str]:
     """The ``type`` strings this build accepts, sorted."""
     return sorted(_REGISTRY)

@@ -47,6 +47,7 @@ from server.artifacts import (
     check_name,
 )
 from server.engine.hooks import ControlHooks
+from server.engine.padding import attention_mask_4d, left_pad, model_takes_4d_mask
 
 log = logging.getLogger("steerserve.control")
 router = APIRouter()
@@ -221,20 +222,20 @@ def last_token_states(
     """
     hooks = ControlHooks.install(model)
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        T = max(len(p) for p in chunk)
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)
-        mask = torch.zeros(len(chunk), T, dtype=torch.long)
-        for i, p in enumerate(chunk):
-            ids[i, T - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, T - len(p) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        padded = left_pad(prompts[start : start + batch_size], device)
+        # Always the 4-D mask (no cache here, so a None mask would make transformers
+        # inspect the position ids on the host); no query row is fully masked.
+        mask: torch.Tensor = padded.mask
+        if model_takes_4d_mask(model.config):
+            mask = attention_mask_4d(padded.mask, padded.mask.shape[1], dtype)
         with hooks.capture(layers) as states:
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                  logits_to_keep=1)
+            model(input_ids=padded.ids, attention_mask=mask, position_ids=padded.positions,
+                  use_cache=False, logits_to_keep=1)
         for layer in layers:
             out[layer].append(states[layer].cpu())
     return {layer: torch.cat(parts, dim=0) for layer, parts in out.items()}

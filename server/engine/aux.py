@@ -23,16 +23,21 @@ without fusion cost nothing extra.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from processors.fusion import fusion_models
 from server.engine.batch import BatchState
+from server.engine.padding import left_pad
 from server.engine.runner import forward_last_logits
 from server.engine.types import GenerationRequest
+
+log = logging.getLogger("steerserve.engine")
 
 
 @dataclass
@@ -56,18 +61,15 @@ class AuxModel:
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> None:
         """Left-pad ``prompts``, run them as one group and append them to the batch."""
-        N, T = len(prompts), max(len(p) for p in prompts)
-        ids = torch.zeros(N, T, dtype=torch.long)
-        mask = torch.zeros(N, T, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, T - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, T - len(p) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        padded = left_pad(prompts, self.device)
         cache = DynamicCache(config=self.model.config)
-        logits = forward_last_logits(self.model, ids, mask, positions, cache)
-        last = torch.full((N, 2), -1, dtype=torch.long, device=self.device)
-        self.batch.add(cache, mask, last, logits)
+        logits = forward_last_logits(
+            self.model, padded.ids, padded.mask, padded.positions, cache, padded.lengths
+        )
+        last = torch.full((len(prompts), 2), -1, dtype=torch.long, device=self.device)
+        self.batch.add(BatchState.from_prefill(
+            self.batch.vocab_size, cache, padded.mask, padded.lengths, last, logits
+        ))
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> None:
@@ -76,20 +78,61 @@ class AuxModel:
         self.batch.append_tokens(tokens)
         self.batch.next_logits = forward_last_logits(
             self.model, tokens.view(-1, 1), self.batch.mask, self.batch.positions(),
-            self.batch.cache,
+            self.batch.cache, self.batch.lengths,
         )
+
+
+def _same(a: torch.device, b: torch.device) -> bool:
+    """Same device, ``cuda`` and ``cuda:0`` alike."""
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def _on_device(
+    name: str, model: PreTrainedModel, device: torch.device | None
+) -> PreTrainedModel:
+    """``model`` on ``device`` (moved if needed; ValueError if that fails)."""
+    here = next(model.parameters()).device
+    if device is None or _same(here, device):
+        return model
+    log.warning("auxiliary model '%s' is on %s, the main model on %s: moving it", name,
+                here, device)
+    try:
+        moved_model: Any = torch.nn.Module.to(model, device)  # (PreTrainedModel.to is wrapped)
+        model = moved_model
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"auxiliary model '{name}' is on {here} but the main model is on {device}, and "
+            f"moving it failed ({err}); load it on {device}"
+        ) from err
+    moved = {p.device for p in model.parameters()}
+    if not all(_same(d, device) for d in moved):
+        raise ValueError(
+            f"auxiliary model '{name}' has parameters on {sorted(map(str, moved))}; the main "
+            f"model is on {device}: load it there"
+        )
+    return model
 
 
 class AuxPool:
     """All auxiliary models of the engine, by name."""
 
-    def __init__(self, models: Mapping[str, PreTrainedModel], vocab_size: int) -> None:
+    def __init__(
+        self,
+        models: Mapping[str, PreTrainedModel],
+        vocab_size: int,
+        device: torch.device | None = None,
+    ) -> None:
+        """``device``: the main model's device. An auxiliary model elsewhere is moved
+        there (its logits are mixed with the main model's on every step, so a model on
+        another device would cost a cross-device copy per step, or fail); a model that
+        cannot be moved is refused with a ValueError naming it."""
         self.vocab_size = vocab_size
         self.models: dict[str, AuxModel] = {}
         for name, model in models.items():
             model.eval()
-            device = next(model.parameters()).device
-            self.models[name] = AuxModel(name, model, BatchState(vocab_size, device))
+            model = _on_device(name, model, device)
+            here = next(model.parameters()).device
+            self.models[name] = AuxModel(name, model, BatchState(vocab_size, here))
         self._keys: list[Hashable] | None = []
 
     @property
@@ -135,8 +178,7 @@ class AuxPool:
             before = m.batch.size
             m.prefill(list(unique))
             if len(unique) != len(joining):  # duplicate the shared rows (sweeps)
-                idx = list(range(before)) + [before + o for o in owner]
-                m.batch.select(idx)
+                m.batch.select(list(range(before)) + [before + o for o in owner])
             m.keys.extend(key for key, _ in joining)
         self._keys = None  # force the index rebuild
         self.sync(keys)
@@ -163,6 +205,6 @@ class AuxPool:
     def reset(self) -> None:
         """Forget every row (after a failed step or on shutdown)."""
         for m in self.models.values():
-            m.batch = BatchState(self.vocab_size, m.device)
+            m.batch.clear()  # allocates nothing on the device (it may have failed)
             m.keys, m.rows = [], None
         self._keys = []

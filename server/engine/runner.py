@@ -1,8 +1,10 @@
 """Forward passes of the main model: prefill a group of new rows, decode one step.
 
 Everything runs under ``torch.inference_mode()`` on the engine thread. Prompts of a
-group are left-padded so that the last position is real for every row; position ids
-come from the attention mask so padding never shifts a row's positions. A forward that
+group are left-padded (``server.engine.padding``) so that the last position is real for
+every row; position ids come from the attention mask so padding never shifts a row's
+positions, and the attention mask the model receives never leaves a query row fully
+masked. A forward that
 steers gets its per-row control-vector deltas (``PhaseDeltas``) through the model's
 hooks (``server.engine.hooks``), set for that call only.
 """
@@ -17,6 +19,7 @@ from transformers import DynamicCache, PreTrainedModel
 from processors.control import PhaseDeltas
 from server.engine.batch import BatchState
 from server.engine.hooks import ControlHooks
+from server.engine.padding import left_pad, model_mask
 
 
 def forward_last_logits(
@@ -25,14 +28,18 @@ def forward_last_logits(
     mask: torch.Tensor,
     positions: torch.Tensor,
     cache: DynamicCache,
+    lengths: Sequence[int],
 ) -> torch.Tensor:
     """One cached forward of ``ids (N, T)``; the last position's logits ``(N, V)`` float32.
 
+    ``mask (N, K)`` is the 2-D padding mask over cache + new tokens and ``lengths`` the
+    rows' real lengths (host ints); the model gets the mask of
+    ``server.engine.padding.model_mask`` (no fully-masked query row, no host sync).
     Shared by the main model's runner and the auxiliary (fusion) models.
     """
     out = model(
         input_ids=ids,
-        attention_mask=mask,
+        attention_mask=model_mask(model, mask, ids.shape[1], lengths),
         position_ids=positions,
         cache=cache,
         use_cache=True,
@@ -57,39 +64,35 @@ class ModelRunner:
         mask: torch.Tensor,
         positions: torch.Tensor,
         cache: DynamicCache,
+        lengths: Sequence[int],
         phase: PhaseDeltas | None = None,
     ) -> torch.Tensor:
         with self.hooks.steering(phase, mask, positions):
-            return forward_last_logits(self.model, input_ids, mask, positions, cache)
+            return forward_last_logits(self.model, input_ids, mask, positions, cache, lengths)
 
     @torch.inference_mode()
     def prefill(
         self, prompts: Sequence[Sequence[int]], phase: PhaseDeltas | None = None
-    ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> BatchState:
         """Run the prompts of new rows together (``phase``: their control deltas, row
         ``i`` of each delta belonging to ``prompts[i]``).
 
-        Returns:
-            cache: a new ``DynamicCache`` for these rows.
-            mask: ``(N, T)`` int64 attention mask (left padding = 0).
-            last_tokens: ``(N, 2)`` int64 last two prompt tokens (``-1`` if absent).
-            logits: ``(N, V)`` float32 next-token logits.
+        Returns a new :class:`BatchState` of these rows: their cache, ``(N, T)`` mask,
+        ``(N, 2)`` last two prompt tokens (``-1`` if absent) and ``(N, V)`` float32
+        next-token logits.
         """
-        N = len(prompts)
-        T = max(len(p) for p in prompts)
-        ids = torch.zeros(N, T, dtype=torch.long)
-        mask = torch.zeros(N, T, dtype=torch.long)
-        last = torch.full((N, 2), -1, dtype=torch.long)
+        padded = left_pad(prompts, self.device)
+        last = torch.full((len(prompts), 2), -1, dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, T - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, T - len(p) :] = 1
             tail = list(p[-2:])
             last[i, 2 - len(tail) :] = torch.tensor(tail, dtype=torch.long)
-        ids, mask, last = ids.to(self.device), mask.to(self.device), last.to(self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(ids, mask, positions, cache, phase)
-        return cache, mask, last, logits
+        logits = self._forward(
+            padded.ids, padded.mask, padded.positions, cache, padded.lengths, phase
+        )
+        return BatchState.from_prefill(
+            self.vocab_size, cache, padded.mask, padded.lengths, last.to(self.device), logits
+        )
 
     @torch.inference_mode()
     def decode(
@@ -98,5 +101,6 @@ class ModelRunner:
         """Feed ``tokens (B,)`` (already recorded in ``batch.mask``); return ``(B, V)``."""
         assert batch.cache is not None
         return self._forward(
-            tokens.view(-1, 1), batch.mask, batch.positions(), batch.cache, phase
+            tokens.view(-1, 1), batch.mask, batch.positions(), batch.cache, batch.lengths,
+            phase,
         )

@@ -10,6 +10,7 @@ asyncio event loop never touches torch: results travel through per-request sinks
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -23,14 +24,21 @@ from typing import Any
 import torch
 
 from processors.base import StepContext
-from processors.control import ControlSpec, build_phase, control_specs, phase_key
+from processors.control import (
+    ControlSpec,
+    build_phase,
+    control_specs,
+    phase_key,
+    summarize_receipt,
+)
 from processors.metrics import STEP_STAT_NAMES, step_stats, summarize
-from processors.stack import ProcessorStack
+from processors.stack import ProcessorStack, acts_in_forward
 from server.engine.aux import AuxPool
-from server.engine.batch import BatchState, layer_kv, set_layer_kv
+from server.engine.batch import BatchState
 from server.engine.detok import IncrementalDetokenizer
-from server.engine.hooks import ReceiptBook, RowControl
+from server.engine.hooks import RowControl
 from server.engine.observer import EngineObserver
+from server.engine.packer import HostPacker, PackedHost
 from server.engine.runner import ModelRunner
 from server.engine.sampler import Sampler, SamplerRow, make_generator
 from server.engine.twins import UnsteeredTwins, wants_twin
@@ -80,10 +88,12 @@ class _Row:
     detok: IncrementalDetokenizer
     sampler_row: SamplerRow
     output: list[int] = field(default_factory=list)
-    steps: list[dict[str, float]] = field(default_factory=list)
+    steps: list[dict[str, float]] = field(default_factory=list)  # diagnostics per step
+    # Per-step scalars recorded inside the forward (control hooks), always kept.
+    forward_steps: list[dict[str, float]] = field(default_factory=list)
+    control: RowControl | None = None  # control entries: receipt specs, after-triggers
     finish: FinishReason | None = None
     last_token_at: float = 0.0  # time.monotonic() of the previous emitted token
-    control: RowControl | None = None  # control entries: receipt records, after-triggers
 
     @property
     def request(self) -> GenerationRequest:
@@ -102,6 +112,17 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
     return sorted(ids)
+
+
+def is_device_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` left the accelerator in an unknown state (the engine must stop),
+    as opposed to an error of one step's host logic."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False  # the device still works; the failed step's memory is freed
+    if isinstance(exc, torch.AcceleratorError):
+        return True
+    text = str(exc)
+    return "CUDA error" in text or "device-side assert" in text
 
 
 class Engine:
@@ -129,18 +150,19 @@ class Engine:
         self.batch = BatchState(self.vocab_size, self.device)
         self.twins = UnsteeredTwins(self.runner, self.vocab_size, self.device)
         self._decode_phase: Any = None  # control-vector deltas of decode steps (PhaseDeltas)
-        self.receipts = ReceiptBook()  # control stats -> rows' records, with the host copy
         self.stack = ProcessorStack(
             self.device,
             self.vocab_size,
             options={"fusion_memory_budget": self.config.fusion_memory_mb * 2**20},
         )
         # Fusion's auxiliary models (name -> model), each with its own KV cache.
-        self.aux = AuxPool(aux_models or {}, self.vocab_size)
+        self.aux = AuxPool(aux_models or {}, self.vocab_size, self.device)
+        self._packer = HostPacker(self.device)
         self.sampler = Sampler(self.device, self.vocab_size, self.eos_ids)
         self.rows: list[_Row] = []
         self._waiting: deque[tuple[RequestHandle, EventSink]] = deque()
         self._cond = threading.Condition()
+        self._keys = itertools.count()  # engine-wide request keys, assigned at submit
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dirty = True  # batch composition changed since the last rebuild
@@ -195,8 +217,9 @@ class Engine:
         if not self.alive or self._stopping:
             raise EngineUnavailableError(self.dead or "the engine is not running")
         now = time.monotonic()
-        handles = [RequestHandle(req, submitted=now) for req, _ in items]
         with self._cond:
+            handles = [RequestHandle(req, submitted=now, key=next(self._keys))
+                       for req, _ in items]
             if len(self._waiting) + len(items) > self.config.max_queue:
                 raise QueueFullError(self.config.max_queue)
             self._waiting.extend(zip(handles, [sink for _, sink in items], strict=True))
@@ -219,6 +242,11 @@ class Engine:
                 except Exception as exc:  # a failed step fails its rows, not the server
                     log.exception("engine step failed")
                     self._fail_all(new, f"internal error during decoding: {exc}")
+                    if is_device_failure(exc):
+                        # The device's state is unknown (a CUDA error is sticky): stop
+                        # here; /health answers 503 and waiting requests get an error.
+                        self.dead = f"device failure: {exc}"
+                        break
         except BaseException as exc:  # pragma: no cover - last-resort guard
             self.dead = f"engine thread died: {exc!r}"
             log.exception("engine thread died")
@@ -226,20 +254,30 @@ class Engine:
             self._abort_everything()
 
     def _admit(self) -> list[tuple[RequestHandle, EventSink]]:
-        """Pop waiting requests that fit the batch and the prefill budget (lock held)."""
+        """Pop waiting requests that fit the batch and the prefill budget (lock held).
+
+        The budget is what the prefill forward really holds: the group is left-padded to
+        its longest prompt, so it costs ``distinct prompts × longest prompt`` tokens (rows
+        sharing a prompt, a sweep's points, share one prefill row). Admission stops at
+        the first request that would push the group past ``max_prefill_tokens``; a
+        request alone always fits (it is refused earlier if longer than the context).
+        """
         new: list[tuple[RequestHandle, EventSink]] = []
-        budget = self.config.max_prefill_tokens
+        prompts: set[tuple[int, ...]] = set()
+        longest = 0
         self._drop_waiting()
         while self._waiting and len(self.rows) + len(new) < self.config.max_batch_size:
             handle, sink = self._waiting[0]
-            cost = len(handle.request.prompt_ids)
-            if new and cost > budget:
+            ids = handle.request.prompt_ids
+            rows = len(prompts | {ids})
+            if new and rows * max(longest, len(ids)) > self.config.max_prefill_tokens:
                 break
             self._waiting.popleft()
             if handle.cancelled:
                 self._end_waiting(handle, sink, "abort", cancelled=True)
                 continue
-            budget -= cost
+            prompts.add(ids)
+            longest = max(longest, len(ids))
             new.append((handle, sink))
         return new
 
@@ -304,19 +342,14 @@ class Engine:
             slot(h.request.prompt_ids, ()) for (h, _), t in zip(new, twin, strict=True) if t
         ]
         phase = build_phase(reps, "prompt", self.device, self.runner.dtype)
-        cache, mask, last, logits = self.runner.prefill([k[0] for k in unique], phase)
-        self.twins.add(
-            twin, cache, mask, last, logits,
-            torch.tensor(twin_owner, dtype=torch.long, device=self.device),
-        )
-        if owner != list(range(len(unique))):
-            idx = torch.tensor(owner, dtype=torch.long, device=self.device)
-            for layer in cache.layers:
-                keys, values = layer_kv(layer)
-                set_layer_kv(layer, keys.index_select(0, idx), values.index_select(0, idx))
-            mask, last, logits = mask[idx], last[idx], logits[idx]
+        group = self.runner.prefill([k[0] for k in unique], phase)
+        if phase is not None and phase.stats:  # control receipts: prefill's share
+            group.next_stats = dict(phase.stats)
         self.prefill_rows += len(unique)
-        self.batch.add(cache, mask, last, logits)
+        self.twins.add(twin, group, twin_owner)
+        if owner != list(range(len(unique))):
+            group = group.gather(owner)
+        self.batch.add(group)
         now = time.monotonic()
         for handle, sink in new:
             req = handle.request
@@ -328,8 +361,7 @@ class Engine:
             detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, req.sampling.stop)
             self.rows.append(_Row(handle, sink, detok, SamplerRow(req.sampling, gen, 0),
                                   control=RowControl.of(req.steering)))
-        self.receipts.after_prefill(phase, owner, [r.control for r in self.rows[-len(new):]])
-        self.aux.prefill([id(r.handle) for r in self.rows], [(id(h), h.request) for h, _ in new])
+        self.aux.prefill([r.handle.key for r in self.rows], [(h.key, h.request) for h, _ in new])
         self._dirty = True
 
     def _rebuild(self) -> None:
@@ -353,99 +385,171 @@ class Engine:
         self._logprobs_k = max((k for k in asked if k is not None), default=None)
         self._dirty = False
 
+    # One engine step = sample (device) -> fetch (the one host copy) -> emit (host, per
+    # row) -> retire (rows that ended leave the batch) -> decode (the next forward).
     def _step(self) -> None:
         if self._dirty:
             self._rebuild()
+        out = self._sample()
+        host = self._packer.fetch()  # the one device->host copy of this step
+        self.steps += 1
         self.peak_batch = max(self.peak_batch, len(self.rows))
+        keep = self._emit_all(out, host)
+        tokens = out.tokens
+        if len(keep) != len(self.rows):
+            self._keep_rows(keep)
+            if keep:
+                tokens = tokens.index_select(0, torch.tensor(keep, device=tokens.device))
+        if self.rows:
+            self._decode(tokens)
+
+    def _sample(self) -> _StepOutput:
+        """Run the processor stack and the sampler on every row's pending logits and
+        register what the host needs with the packer (nothing is copied yet)."""
         fwd = self.batch.next_logits  # (B, V) as the (possibly control-steered) forward gave
         base = self.twins.base_logits(fwd)  # unsteered logits for rows with a twin
         ctx = StepContext(
             base_logits=base, last_tokens=self.batch.last_tokens, want_stats=self._any_diag
         )
         if self.aux.active:  # fusion: the auxiliary models' logits of this step
-            keys = [id(r.handle) for r in self.rows]
+            keys = [r.handle.key for r in self.rows]
             ctx.extras["aux_logits"] = self.aux.logits(keys, len(self.rows))
         steered = self.stack.apply(ctx, fwd) if self.stack.active else fwd
         # Hard bans (logit_bias -100) go last, after the sampler's penalties.
         tokens = self.sampler.sample(steered, self.batch.seen, self.stack.bans)  # (B,)
+        pack = self._packer
+        pack.add("token", tokens)
+        # A row whose steered logits hold a NaN or +inf, or are all -inf, has no valid
+        # next-token distribution: amax is NaN/+inf/-inf exactly then (one reduction).
+        pack.add("nonfinite", ~torch.isfinite(steered.amax(dim=-1)))
         names: list[str] = []
-        # Logprobs only when some row asks: log_softmax of the steered logits, the
-        # emitted token's value and the top-k, shipped in the same host transfer.
-        lp_cols = self._logprob_cols(steered, tokens) if self._logprobs_k is not None else []
-        # Receipts: the previous decode forward's control stats ride in the same copy.
-        rc_cols = self.receipts.columns([id(r.handle) for r in self.rows],
-                                        [r.control for r in self.rows])
-        if self._any_diag or lp_cols or rc_cols:
-            cols = [tokens.double().view(-1, 1)]
         if self._any_diag:
             stats = step_stats(base, steered, tokens)
+            pack.add("diag", stats)
             # Processors cannot know the emitted token in apply(); they register (B, V)
             # tables under extras["token_stats"] and we gather them here (NaN = undefined).
             idx = tokens.view(-1, 1)
             for name, table in ctx.extras.get("token_stats", {}).items():
                 ctx.stats[name] = table.gather(1, idx).squeeze(1)
-            extra = sorted(ctx.stats)
-            names = list(STEP_STAT_NAMES) + extra
-            cols.append(stats.double())
-            cols += [ctx.stats[k].double().view(-1, 1) for k in extra]
-        if self._any_diag or lp_cols or rc_cols:
-            host = torch.cat(cols + lp_cols + rc_cols, dim=1).tolist()  # the one host transfer
-            host_tokens = [int(r[0]) for r in host]
-            rc_at = sum(c.shape[1] for c in cols + lp_cols)
-            self.receipts.record([r.control for r in self.rows], host, rc_at)
-        else:
-            host_tokens = tokens.tolist()  # the one host transfer of this step
-        self.steps += 1
-        now = time.monotonic()
-        lp_at = 1 + len(names)  # first logprob column in a host row
+            names = list(STEP_STAT_NAMES)
+            for k in sorted(ctx.stats):
+                pack.add(f"stat:{k}", ctx.stats[k])
+                names.append(k)
+        forward_stats = sorted(self.batch.next_stats)
+        for k in forward_stats:
+            pack.add(f"fwd:{k}", self.batch.next_stats[k])
+        if self._logprobs_k is not None:
+            # Logprobs only when some row asks: log_softmax of the steered logits, the
+            # emitted token's value and the top-k, shipped in the same host transfer.
+            lp = steered.float().log_softmax(dim=-1)  # (B, V)
+            pack.add("lp", lp.gather(1, tokens.view(-1, 1)))
+            top_k = min(self._logprobs_k, self.vocab_size)
+            if top_k > 0:
+                top = lp.topk(top_k, dim=-1)
+                pack.add("lp_top", top.values)
+                pack.add("lp_ids", top.indices)
+        return _StepOutput(tokens, fwd, steered, ctx, names, forward_stats)
 
+    def _emit_all(self, out: _StepOutput, host: PackedHost) -> list[int]:
+        """Record and emit every row's token; return the rows that go on decoding."""
+        now = time.monotonic()
         keep: list[int] = []
-        for b, (row, token) in enumerate(zip(self.rows, host_tokens, strict=True)):
-            if self._any_diag and row.request.diagnostics != "off":
-                row.steps.append(dict(zip(names, host[b][1:lp_at], strict=True)))
-            lp = None
-            k = row.request.sampling.logprobs
-            if k is not None:
-                vals = host[b][lp_at:]
-                kmax = self._logprobs_k or 0
-                top = tuple(
-                    (int(vals[1 + kmax + j]), vals[1 + j]) for j in range(min(k, kmax))
-                )
-                lp = TokenLogprob(vals[0], top)
-            self._advance_row(row, token, now, lp)
+        diag_names = out.diag_names
+        for b, row in enumerate(self.rows):
+            if host.value(b, "nonfinite"):
+                self._fail_row(row, self._nonfinite_message(b, row, out))
+                continue
+            token = int(host.value(b, "token"))
+            if row.request.diagnostics != "off" and diag_names:
+                vals = host.values(b, "diag") + [
+                    host.value(b, f"stat:{k}") for k in diag_names[len(STEP_STAT_NAMES):]
+                ]
+                row.steps.append(dict(zip(diag_names, vals, strict=True)))
+            if out.forward_stats:
+                # NaN marks a stat that does not apply to this row: leave it out.
+                values = {k: host.value(b, f"fwd:{k}") for k in out.forward_stats}
+                row.forward_steps.append({k: v for k, v in values.items() if v == v})
+            self._advance_row(row, token, now, self._token_logprob(b, row, host))
             if row.finish is None and row.control is not None and row.control.watch:
                 for k in row.control.watch.scan(row.detok.text):  # "after" markers
                     if self._decode_phase is not None:
                         self._decode_phase.trigger(b, k, row.control.specs)
             if row.finish is None:
                 keep.append(b)
-        if len(keep) != len(self.rows):
-            self.rows = [self.rows[b] for b in keep]
-            self.batch.select(keep)
-            self.twins.select(keep)
-            self.aux.sync([id(r.handle) for r in self.rows])  # frees their aux caches
-            self._dirty = True
-            if keep:
-                tokens = tokens.index_select(0, torch.tensor(keep, device=tokens.device))
-        if self.rows:
-            if self._dirty:  # rows left: their deltas must leave the decode phase too
-                self._rebuild()
-            self.batch.append_tokens(tokens)
-            self.batch.next_logits = self.runner.decode(self.batch, tokens, self._decode_phase)
-            self.receipts.after_decode(self._decode_phase, [id(r.handle) for r in self.rows])
-            self.twins.decode(tokens)
-            if self.aux.active:  # same tokens, each auxiliary model's own rows and cache
-                self.aux.decode([id(r.handle) for r in self.rows], tokens)
+        return keep
 
-    def _logprob_cols(self, steered: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """``[(B,1) chosen, (B,k) top values, (B,k) top ids]`` as float64 columns."""
-        lp = steered.float().log_softmax(dim=-1)  # (B, V)
-        chosen = lp.gather(1, tokens.view(-1, 1))  # (B, 1)
-        k = min(self._logprobs_k or 0, self.vocab_size)
-        if k == 0:
-            return [chosen.double()]
-        top = lp.topk(k, dim=-1)
-        return [chosen.double(), top.values.double(), top.indices.double()]
+    def _token_logprob(self, b: int, row: _Row, host: PackedHost) -> TokenLogprob | None:
+        """Row ``b``'s logprob record from the packed copy, if the row asked for one."""
+        k = row.request.sampling.logprobs
+        if k is None:
+            return None
+        top: tuple[tuple[int, float], ...] = ()
+        if k > 0 and "lp_top" in host:
+            values, ids = host.values(b, "lp_top"), host.values(b, "lp_ids")
+            top = tuple((int(ids[j]), values[j]) for j in range(min(k, len(values))))
+        return TokenLogprob(host.value(b, "lp"), top)
+
+    def _nonfinite_message(self, b: int, row: _Row, out: _StepOutput) -> str:
+        """Name the steering entry that made row ``b``'s logits non-finite.
+
+        Runs only for a failed row (rare), so it may replay the stack stage by stage on
+        this step's inputs and read the device.
+        """
+        steering = row.request.steering
+        if not bool(torch.isfinite(out.forward[b].amax())):
+            inside = [i for i, e in enumerate(steering) if acts_in_forward(e.type)]
+            if inside:
+                where = ", ".join(f"steering.{i} ('{steering[i].type}')" for i in inside)
+                return (f"the model's logits became non-finite (NaN or all -inf) under the "
+                        f"control entries {where}; lower their strength")
+            return "the model's logits became non-finite (NaN or all -inf)"
+        logit_entries = [i for i, e in enumerate(steering) if not acts_in_forward(e.type)]
+        logits = out.forward
+        for k, stage in enumerate(self.stack.stages):
+            for proc in stage:
+                logits = proc.apply(out.ctx, logits)
+            if not bool(torch.isfinite(logits[b].amax())) and k < len(logit_entries):
+                i = logit_entries[k]
+                return (f"steering.{i} ('{steering[i].type}') made the logits non-finite "
+                        f"(NaN or all -inf); no token can be sampled from them")
+        return "the steered logits became non-finite (NaN or all -inf)"
+
+    def _fail_row(self, row: _Row, message: str) -> None:
+        """End one row with a 422 error event (its steering made decoding impossible)."""
+        row.finish = "error"
+        self._observe_finish(row, "error")
+        self._emit(row.sink, ErrorEvent(message, type="invalid_request_error", code=422))
+
+    def _decode(self, tokens: torch.Tensor) -> None:
+        """Run the next forward for the remaining rows, fed their sampled ``tokens``."""
+        if self._dirty:  # rows left: their deltas must leave the decode phase too
+            self._rebuild()
+        self.batch.append_tokens(tokens)
+        phase = self._decode_phase
+        self.batch.next_logits = self.runner.decode(self.batch, tokens, phase)
+        stats = getattr(phase, "stats", None)
+        self.batch.next_stats = dict(stats) if stats else {}
+        self.twins.decode(tokens)
+        if self.aux.active:  # same tokens, each auxiliary model's own rows and cache
+            self.aux.decode([r.handle.key for r in self.rows], tokens)
+
+    def _keep_rows(self, keep: Sequence[int]) -> None:
+        """Keep only rows ``keep`` (batch order) in every per-row structure."""
+        self.rows = [self.rows[b] for b in keep]
+        self.batch.select(keep)
+        self.twins.select(keep)
+        self.aux.sync([r.handle.key for r in self.rows])  # frees their aux caches
+        self._dirty = True
+
+    def _reset_batch(self) -> None:
+        """Forget every row's device state. Allocates nothing on the device, so it is
+        safe after a device-side failure."""
+        self.rows = []
+        self.batch.clear()
+        self.twins.reset()
+        self.aux.reset()
+        self._decode_phase = None
+        self._dirty = True
 
     def _advance_row(
         self, row: _Row, token: int, now: float, lp: TokenLogprob | None = None
@@ -498,11 +602,10 @@ class Engine:
                     for k in (row.steps[0] if row.steps else {})
                 }
                 diag["per_step"]["token_id"] = list(row.output[: len(row.steps)])
-        receipt = row.control.receipt() if row.control is not None else None
         self._emit(
             row.sink,
             FinishEvent(reason, text, len(row.request.prompt_ids), len(row.output), diag,
-                        receipt),
+                        _receipt(row)),
         )
 
     def _drop_cancelled(self) -> None:
@@ -522,11 +625,7 @@ class Engine:
             return
         # Free the slots before the FinishEvents go out, so a consumer that sees its
         # request end also sees it gone from ``running`` (test_limits raced here).
-        self.rows = [self.rows[b] for b in keep]
-        self.batch.select(keep)
-        self.twins.select(keep)
-        self.aux.sync([id(r.handle) for r in self.rows])  # frees their aux caches
-        self._dirty = True
+        self._keep_rows(keep)
         for r, reason, cancelled in done:
             self._finish(r, reason, cancelled=cancelled)
 
@@ -539,37 +638,79 @@ class Engine:
             return False
 
     def _fail_all(self, new: Sequence[tuple[RequestHandle, EventSink]], message: str) -> None:
-        sinks = [r.sink for r in self.rows]
-        known = {id(r.handle) for r in self.rows}
-        sinks += [s for h, s in new if id(h) not in known]
-        for sink in sinks:
-            self._emit(sink, ErrorEvent(message))
+        """End every running and just-admitted request with an error event, then drop
+        the batch. Host-side only: after a device failure nothing here may touch the
+        device (it would raise again and leave clients waiting)."""
+        known = {r.handle.key for r in self.rows}
         for r in self.rows:
-            self._observe_finish(r, "error")
-        for h, _ in new:
-            if id(h) not in known:
-                self.observer.on_finish(h.request, "error", len(h.request.prompt_ids), 0, 0.0,
-                                        False)
-        self.rows = []
-        self.batch = BatchState(self.vocab_size, self.device)
-        self.twins.reset()
-        self.aux.reset()
-        self._dirty = True
+            self._emit(r.sink, ErrorEvent(message))
+            self._guard(self._observe_finish, r, "error")
+        for h, sink in new:
+            if h.key not in known:
+                self._emit(sink, ErrorEvent(message))
+                self._guard(self.observer.on_finish, h.request, "error",
+                            len(h.request.prompt_ids), 0, 0.0, False)
+        self._reset_batch()
+
+    def _guard(self, fn: Any, *args: Any) -> None:
+        """Call an observer hook on the failure path; its own failure is only logged."""
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - the failure path must reach every client
+            log.exception("observer failed on the failure path")
 
     def _abort_everything(self) -> None:
+        """Shutdown (or a dead engine): end every running and waiting request."""
         with self._cond:
             waiting = list(self._waiting)
             self._waiting.clear()
+        reason: FinishReason = "error" if self.dead else "abort"
         # Leave the batch before the FinishEvents go out: a consumer that sees its stream
         # end must also see ``running == 0`` (tests/integration/test_shutdown.py raced here).
-        rows, self.rows = self.rows, []
+        rows = self.rows
+        self._reset_batch()
         for row in rows:
-            self._finish(row, "abort")
-        self.batch = BatchState(self.vocab_size, self.device)
-        self.twins.reset()
-        self.aux.reset()
+            if self.dead:
+                self._emit(row.sink, ErrorEvent(self.dead))
+                self._guard(self._observe_finish, row, "error")
+            else:
+                self._guard(self._finish, row, "abort")
         for handle, sink in waiting:
-            self._end_waiting(handle, sink, "abort")
+            if self.dead:
+                self._emit(sink, ErrorEvent(self.dead, code=503))
+                self._guard(self.observer.on_finish, handle.request, reason,
+                            len(handle.request.prompt_ids), 0, 0.0, False)
+            else:
+                self._guard(self._end_waiting, handle, sink, "abort")
+
+
+def _receipt(row: _Row) -> dict[str, Any] | None:
+    """The steering receipt of a row with control entries, from the per-forward stats
+    its hooks recorded (prefill and every decode step; None without control entries)."""
+    if row.control is None:
+        return None
+    return summarize_receipt(row.forward_steps, row.control.specs, row.control.indices)
+
+
+@dataclass
+class _StepOutput:
+    """The device side of one step, between sampling and the next forward.
+
+    Attributes:
+        tokens: ``(B,)`` int64 sampled tokens.
+        forward: ``(B, V)`` the forward's logits the stack started from.
+        steered: ``(B, V)`` the steered logits the sampler used.
+        ctx: the step's processor context (replayed to name a non-finite entry).
+        diag_names: diagnostics column names (empty when no row asked).
+        forward_stats: names of the forward's per-row stats shipped this step.
+    """
+
+    tokens: torch.Tensor
+    forward: torch.Tensor
+    steered: torch.Tensor
+    ctx: StepContext
+    diag_names: list[str]
+    forward_stats: list[str]
 
 
 def run_to_completion(

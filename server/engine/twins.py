@@ -23,34 +23,24 @@ through joins (:meth:`add`) and leaves (:meth:`select`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from processors.control import ControlSpec
-from server.engine.batch import BatchState, layer_kv
+from server.engine.batch import BatchState
 from server.engine.runner import ModelRunner
 from server.engine.types import GenerationRequest
 
 
 def wants_twin(request: GenerationRequest, specs: Sequence[ControlSpec]) -> bool:
     """Whether ``request`` needs unsteered reference logits: it has a control entry that
-    changes something, and diagnostics on or a ``margin`` or ``guard`` entry."""
+    changes something, and diagnostics on or a ``margin``/``guard`` entry."""
     if not any(s.alpha != 0.0 for s in specs):
         return False
+    # margin and guard read ctx.base_logits as the frozen model's distribution.
     return request.diagnostics != "off" or any(
         e.type in ("margin", "guard") for e in request.steering
     )
-
-
-def select_rows(cache: DynamicCache, idx: torch.Tensor, config: Any) -> DynamicCache:
-    """A new cache holding rows ``idx (N,)`` of ``cache`` (``cache`` is not changed)."""
-    data = []
-    for lay in cache.layers:
-        keys, values = layer_kv(lay)
-        data.append((keys.index_select(0, idx), values.index_select(0, idx)))
-    return DynamicCache(ddp_cache_data=data, config=config)
 
 
 class UnsteeredTwins:
@@ -60,11 +50,13 @@ class UnsteeredTwins:
         self.runner = runner
         self.vocab_size = vocab_size
         self.device = device
+        self.batch = BatchState(vocab_size, device)
         self.reset()
 
     def reset(self) -> None:
-        """Drop every twin (the engine's batch was reset)."""
-        self.batch = BatchState(self.vocab_size, self.device)
+        """Drop every twin (the engine's batch was reset); allocates nothing (the
+        device may have failed)."""
+        self.batch.clear()
         self.flags: list[bool] = []  # one per engine row: has a twin
         self._pos: torch.Tensor | None = None  # (J,) engine-row index of each twin
 
@@ -77,25 +69,12 @@ class UnsteeredTwins:
         pos = [b for b, f in enumerate(self.flags) if f]
         self._pos = torch.tensor(pos, dtype=torch.long, device=self.device) if pos else None
 
-    def add(
-        self,
-        flags: Sequence[bool],
-        cache: DynamicCache,
-        mask: torch.Tensor,
-        last_tokens: torch.Tensor,
-        logits: torch.Tensor,
-        idx: torch.Tensor | None,
-    ) -> None:
+    def add(self, flags: Sequence[bool], prefill: BatchState, rows: Sequence[int]) -> None:
         """Rows joined the engine's batch: ``flags[i]`` says whether new row ``i`` has a
-        twin; the twins' prefill state is rows ``idx`` of the group's prefill outputs."""
+        twin; the twins' prefill state is rows ``rows`` of the group's ``prefill``."""
         self.flags.extend(bool(f) for f in flags)
-        if idx is not None and idx.numel():
-            self.batch.add(
-                select_rows(cache, idx, self.runner.model.config),
-                mask[idx],
-                last_tokens[idx],
-                logits[idx],
-            )
+        if rows:
+            self.batch.add(prefill.gather(rows))
         self._update_pos()
 
     def select(self, keep: Sequence[int]) -> None:
@@ -124,4 +103,4 @@ class UnsteeredTwins:
         self.batch.next_logits = self.runner.decode(self.batch, tok)
 
 
-__all__ = ["UnsteeredTwins", "select_rows", "wants_twin"]
+__all__ = ["UnsteeredTwins", "wants_twin"]

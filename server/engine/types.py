@@ -125,6 +125,7 @@ class RequestHandle:
     request: GenerationRequest
     cancelled: bool = field(default=False)
     submitted: float = 0.0  # time.monotonic() when the engine queued it
+    key: int = 0  # unique per engine, assigned at submit (keys auxiliary rows, etc.)
 
     def cancel(self) -> None:
         """Ask the engine to drop this request at the next step boundary."""
