@@ -20,6 +20,46 @@ from server.engine.types import DiagnosticsMode, GenerationRequest, SamplingPara
 from server.loading import ModelBundle
 from server.settings import Settings
 
+_LONGEST_TOKEN: dict[int, tuple[Any, int]] = {}  # id(tokenizer) -> (tokenizer, chars)
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of ``tokenizer`` can stand for: the longest
+    vocabulary entry (byte-level BPE spells each byte as one character, SentencePiece
+    each character as itself, so an entry's length bounds the text it covers). Computed
+    once per tokenizer (~20 ms for a 49k vocabulary)."""
+    hit = _LONGEST_TOKEN.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    longest = max((len(k) for k in tokenizer.get_vocab()), default=1)
+    _LONGEST_TOKEN[id(tokenizer)] = (tokenizer, max(1, longest))
+    return max(1, longest)
+
+
+def check_prompt_chars(req: GenerateRequest, bundle: ModelBundle, max_prompt: int) -> None:
+    """Refuse a text prompt that cannot fit before tokenizing it (400 naming it).
+
+    A prompt of ``C`` characters is at least ``C / longest_token_chars`` tokens, so when
+    that already reaches ``max_prompt`` the answer is known without running the
+    tokenizer (which takes seconds for megabytes). Prompts under the bound are
+    tokenized and checked exactly by :func:`to_generation_request`.
+    """
+    if isinstance(req.prompt, str):
+        chars, param = len(req.prompt), "prompt"
+    elif req.messages is not None:
+        chars, param = sum(len(m.content) for m in req.messages), "messages"
+    else:
+        return
+    longest = longest_token_chars(bundle.tokenizer)
+    at_least = chars // longest
+    if at_least >= max_prompt:
+        raise APIError(
+            400,
+            f"the prompt has {chars} characters, so at least {at_least} tokens (no token "
+            f"covers more than {longest}); the limit is {max_prompt - 1} tokens",
+            param=param,
+        )
+
 
 def tokenize_prompt(req: GenerateRequest, bundle: ModelBundle) -> list[int]:
     """Token ids of the request's prompt (exactly one of ``prompt``/``messages``)."""
@@ -73,6 +113,14 @@ def _stop_list(req: GenerateRequest, settings: Settings) -> tuple[str, ...]:
         )
     if any(not s for s in stops):
         raise APIError(400, "stop sequences must not be empty strings", param="stop")
+    longest = max(len(s) for s in stops)
+    if longest > settings.max_stop_chars:
+        raise APIError(
+            400,
+            f"stop sequences must be at most {settings.max_stop_chars} characters "
+            f"(max_stop_chars), got one of {longest}",
+            param="stop",
+        )
     return tuple(stops)
 
 
@@ -84,10 +132,15 @@ def to_generation_request(
     *,
     request_id: str | None = None,
 ) -> GenerationRequest:
-    """Validate ``req`` against the model and limits; build the engine request."""
+    """Validate ``req`` against the model and limits; build the engine request.
+
+    The checks that need no tokenizer run first, so an oversized prompt or stop list is
+    refused before any tokenizing work is done."""
+    stops = _stop_list(req, settings)
+    max_prompt = min(settings.max_prompt_tokens or bundle.context_length, bundle.context_length)
+    check_prompt_chars(req, bundle, max_prompt)
     prompt_ids = tokenize_prompt(req, bundle)
     prompt_param = "messages" if req.messages is not None else "prompt"
-    max_prompt = min(settings.max_prompt_tokens or bundle.context_length, bundle.context_length)
     if len(prompt_ids) >= max_prompt:
         raise APIError(
             400,
@@ -133,7 +186,7 @@ def to_generation_request(
         min_p=float(req.min_p),
         repetition_penalty=float(req.repetition_penalty),
         seed=req.seed,
-        stop=_stop_list(req, settings),
+        stop=stops,
         stop_token_ids=stop_ids,
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,

@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from processors.base import ProcessorEnv
 from server.api.convert import to_generation_request
-from server.api.errors import APIError, validation_error
+from server.api.errors import APIError, clip, validation_error
 from server.api.openai_protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -83,7 +83,10 @@ def _note_ignored(body: CompletionRequest | ChatCompletionRequest, endpoint: str
     ignored = sorted(body.model_extra or {})
     ignored += [k for k in ("presence_penalty", "frequency_penalty") if getattr(body, k)]
     if ignored:
-        log.info("%s: ignoring unsupported fields %s", endpoint, ", ".join(ignored))
+        # Field names are the client's text: escaped and clipped so none forges a log line.
+        shown = ", ".join(clip(k, 64) for k in ignored[:20])
+        more = f" (+{len(ignored) - 20} more)" if len(ignored) > 20 else ""
+        log.info("%s: ignoring unsupported fields %s%s", endpoint, shown, more)
 
 
 def _common(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from pathlib import PurePath
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -159,6 +160,15 @@ async def _stream_frames(
         stream.cancel()
 
 
+def public_source(source: str) -> str:
+    """What ``/v1/models`` says about where a model came from: ``embedded:``/``random:``
+    sources as they are, a filesystem path only by its last component (the layout of
+    the server's disks is not the client's business)."""
+    if source.startswith(("embedded:", "random:")):
+        return source
+    return PurePath(source.rstrip("/\\")).name or "local"
+
+
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(503))
 async def list_models(state: StateDep) -> ModelList:
     """The main model and every auxiliary (fusion) model with its role and vocabulary."""
@@ -166,7 +176,7 @@ async def list_models(state: StateDep) -> ModelList:
     card = ModelCard(
         id=bundle.name,
         role="main",
-        source=bundle.source,
+        source=public_source(bundle.source),
         vocab_size=bundle.vocab_size,
         context_length=bundle.context_length,
         tokenizer_fingerprint=env.tokenizer_fingerprint,
@@ -177,7 +187,7 @@ async def list_models(state: StateDep) -> ModelList:
         ModelCard(
             id=a.name,
             role=a.role,
-            source=a.bundle.source,
+            source=public_source(a.bundle.source),
             vocab_size=a.bundle.vocab_size,
             context_length=a.bundle.context_length,
             tokenizer_fingerprint=a.fingerprint,

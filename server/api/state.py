@@ -69,6 +69,7 @@ class ServerState:
                 "prior",
                 NgramPrior.from_artifact,
                 NgramPrior.to_artifact,
+                tmp_grace_s=s.artifact_tmp_grace_s,
             )
         if RESOURCE not in self.resources:
             self.resources[RESOURCE] = ArtifactRegistry.open(
@@ -76,6 +77,7 @@ class ServerState:
                 "control_vector",
                 ControlVector.from_artifact,
                 ControlVector.to_artifact,
+                tmp_grace_s=s.artifact_tmp_grace_s,
             )
         cfg = bundle.model.config
         self.resources[GEOMETRY] = {
