@@ -191,7 +191,7 @@ class ArtifactStore:
     sharing the directory may be writing them).
     """
 
-    def __init__(self, root: Path, kind: str, tmp_grace_s: float = 3600.0) -> None:
+    def __init__(self, root: Path, kind: str, tmp_grace_s: float = 300.0) -> None:
         self.root = Path(root)
         self.kind = kind
         self.tmp_grace_s = tmp_grace_s
@@ -324,23 +324,43 @@ class ArtifactStore:
             if p.suffix == _META_SUFFIX and NAME_RE.fullmatch(p.stem)
         )
 
+    def _sweep_tmp(self, path: Path, now: float) -> None:
+        """Remove a leftover temporary file once it is older than ``tmp_grace_s`` and no
+        process holds its artifact's lock (its writer died); a write in progress, here
+        or in a replica sharing the directory, is left alone."""
+        try:
+            age = now - path.stat().st_mtime
+        except FileNotFoundError:
+            return  # its writer renamed it into place meanwhile
+        if age < self.tmp_grace_s:
+            return
+        # ".NAME.json.RANDOM.tmp" / ".NAME.safetensors.RANDOM.tmp" (write_atomic)
+        stem = path.name[1:].removesuffix(".tmp").rpartition(".")[0]
+        name = stem.removesuffix(_META_SUFFIX).removesuffix(_DATA_SUFFIX)
+        with self._lock:
+            if name in self._held:
+                return
+        try:
+            lock = NameLock(self.root, name).acquire() if NAME_RE.fullmatch(name) else None
+        except ArtifactBusyError:
+            return
+        try:
+            log.info("removing leftover temporary file %s (%.0f s old)", path, age)
+            with contextlib.suppress(OSError):
+                path.unlink()
+        finally:
+            if lock is not None:
+                lock.release()
+
     def names(self) -> list[str]:
-        """Committed artifact names (sorted); removes temporary files older than
-        ``tmp_grace_s`` and data files whose JSON never landed (a crash between the two
-        renames) when no process holds that name's lock. A write in progress, here or
-        in another process on the same directory, is never touched."""
+        """Committed artifact names (sorted). Sweeps what dead writers left: temporary
+        files (:meth:`_sweep_tmp`) and data files whose JSON never landed (a crash
+        between the two renames), each only when no process holds that name's lock."""
         out: list[str] = []
         now = time.time()
         for p in sorted(self.root.iterdir()):
             if p.name.startswith(".") and p.name.endswith(".tmp"):
-                try:
-                    age = now - p.stat().st_mtime
-                except FileNotFoundError:
-                    continue  # its writer renamed it into place meanwhile
-                if age >= self.tmp_grace_s:
-                    log.info("removing leftover temporary file %s (%.0f s old)", p, age)
-                    with contextlib.suppress(OSError):
-                        p.unlink()
+                self._sweep_tmp(p, now)
             elif p.suffix == _META_SUFFIX and NAME_RE.fullmatch(p.stem):
                 out.append(p.stem)
             elif p.suffix == _DATA_SUFFIX and NAME_RE.fullmatch(p.stem):
@@ -384,7 +404,7 @@ class ArtifactRegistry(Mapping[str, T], Generic[T]):
     @classmethod
     def open(
         cls, root: Path, kind: str, decode: Decoder[T], encode: Encoder[T],
-        tmp_grace_s: float = 3600.0,
+        tmp_grace_s: float = 300.0,
     ) -> ArtifactRegistry[T]:
         """Create the store under ``root`` and load everything in it."""
         reg = cls(ArtifactStore(root, kind, tmp_grace_s), decode, encode)

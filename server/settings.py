@@ -105,8 +105,9 @@ class Settings(BaseSettings):
         "more is a 413.",
     )
     artifact_tmp_grace_s: float = Field(
-        3600.0, ge=0, description="At start-up, temporary artifact files younger than this "
-        "are left alone (another replica on the same volume may be writing them).",
+        300.0, ge=0, description="Scans remove a leftover temporary artifact file only when "
+        "no process holds its name's lock and it is older than this (a second guard for "
+        "volumes whose file locks are unreliable).",
     )
     shutdown_grace_s: float = Field(
         20.0, ge=0, description="On SIGTERM: how long in-flight requests may run on before "

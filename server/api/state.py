@@ -47,6 +47,7 @@ class ServerState:
     metrics: Any = None  # server.api.metrics.ServerMetrics (also the engine's observer)
     _drain_timer: threading.Timer | None = None
     aux: list[AuxBundle] = field(default_factory=list)  # fusion's auxiliary models
+    builds: Any = None  # server.api.artifact_http.BuildSlots (made on first build)
 
     def attach(self, bundle: ModelBundle, aux: list[AuxBundle] | None = None) -> None:
         """Start the engine over a loaded model and mark the server ready.
