@@ -7,6 +7,7 @@ failures are :class:`APIError`/``ParamError`` naming the parameter.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -131,15 +132,25 @@ def to_generation_request(
     env: ProcessorEnv,
     *,
     request_id: str | None = None,
+    prompt_cache: dict[str, list[int]] | None = None,
 ) -> GenerationRequest:
     """Validate ``req`` against the model and limits; build the engine request.
 
     The checks that need no tokenizer run first, so an oversized prompt or stop list is
-    refused before any tokenizing work is done."""
+    refused before any tokenizing work is done. ``prompt_cache`` (a sweep's points
+    mostly share one prompt) maps a prompt's JSON to its ids, so each distinct prompt
+    is tokenized once."""
     stops = _stop_list(req, settings)
     max_prompt = min(settings.max_prompt_tokens or bundle.context_length, bundle.context_length)
     check_prompt_chars(req, bundle, max_prompt)
-    prompt_ids = tokenize_prompt(req, bundle)
+    if prompt_cache is None:
+        prompt_ids = tokenize_prompt(req, bundle)
+    else:
+        key = json.dumps([req.prompt, None if req.messages is None
+                          else [m.model_dump() for m in req.messages]])
+        if key not in prompt_cache:
+            prompt_cache[key] = tokenize_prompt(req, bundle)
+        prompt_ids = prompt_cache[key]
     prompt_param = "messages" if req.messages is not None else "prompt"
     if len(prompt_ids) >= max_prompt:
         raise APIError(

@@ -464,3 +464,15 @@ def test_uvicorn_gets_the_connection_limit(monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(Stop):
         cli.main(["--model", "random:tiny", "--data-dir", str(tmp_path)])
     assert seen["limit"] == 7
+
+
+def test_sweep_tokenizes_a_shared_prompt_once(http: httpx.Client, tokenizer_spy: Spy) -> None:
+    body = {"request": {"prompt": "hello there", "max_tokens": 1},
+            "grid": {"temperature": [0.0, 0.5], "top_p": [0.9, 1.0]}}
+    resp = http.post("/v1/sweep", json=body)
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["results"]) == 4 and tokenizer_spy.calls == 1
+    body["grid"] = {"prompt": ["a", "b"], "temperature": [0.0, 1.0]}
+    tokenizer_spy.calls = 0
+    assert http.post("/v1/sweep", json=body).status_code == 200
+    assert tokenizer_spy.calls == 2  # distinct prompts are tokenized each
