@@ -2,11 +2,13 @@
 #
 # steerserve: one model replica per container. See docs/deploy.md.
 #
-#   CPU image (default):
-#     docker build -t steerserve:cpu .
+#   CPU image (default; TORCH_INDEX = the URL of PyTorch's wheel index for the variant,
+#   not needed when the wheel is in deploy/wheels/):
+#     docker build -t steerserve:cpu --build-arg TORCH_INDEX_URL="$TORCH_INDEX" .
 #   GPU image (CUDA build of torch; the host needs only the NVIDIA driver and the
 #   NVIDIA container toolkit, because torch's CUDA wheels carry the CUDA runtime):
-#     docker build -t steerserve:gpu --build-arg TORCH_VARIANT=cu128 .
+#     docker build -t steerserve:gpu --build-arg TORCH_VARIANT=cu128 \
+#         --build-arg TORCH_INDEX_URL="$TORCH_INDEX" .
 #
 # BASE is any image with python3 (>= 3.10) and its venv module, e.g. your mirror of
 # python:3.11-slim-bookworm. Build stage and runtime stage use the same BASE because
@@ -15,19 +17,21 @@
 # Torch is installed as `torch==${TORCH_VERSION}+${TORCH_VARIANT}`. The local version
 # label makes the CPU image unable to pick PyPI's CUDA wheel by accident: only a wheel
 # labelled `+cpu` matches. It is looked up in deploy/wheels/ (bind-mounted into the one
-# RUN step, so it never becomes a layer) and in TORCH_INDEX_URL (empty = don't ask).
+# RUN step, so it never becomes a layer) and in TORCH_INDEX_URL (empty, the default = don't
+# ask: pass the URL of PyTorch's wheel index for TORCH_VARIANT, or your mirror of it; this
+# file names no package host).
 #
 # Index settings for pip (PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS, PIP_CERT,
 # PIP_TRUSTED_HOST) may be passed as build arguments; they exist only in the build stage,
 # but build arguments are recorded in the image history: don't put credentials in them.
 
-ARG BASE=docker.io/library/python:3.11-slim-bookworm
+ARG BASE=python:3.11-slim-bookworm
 
 FROM ${BASE} AS build
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cpu
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
+ARG TORCH_INDEX_URL=
 ARG SMOLLM2_VERSION=0.1.2
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL

@@ -30,9 +30,10 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/steerserve $(ARGS)
 
-## Lint, then the whole test suite (the real-model tests are marked slow and run too).
+## Lint, type-check, then the whole test suite (the real-model tests are marked slow and run too).
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 ## Everything except the real-model tests.
@@ -41,6 +42,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/engine.py

@@ -27,6 +27,7 @@ from clients import _format as fmt
 from clients.client import SteerClient
 from clients.exceptions import APIStatusError, SteerError
 from clients.steering import Control, LogitBias, Margin, Ngram, SteeringLike
+from clients.types import ContrastPair
 
 Handler = Callable[[SteerClient, argparse.Namespace], int]
 
@@ -237,12 +238,14 @@ def cmd_priors(client: SteerClient, args: argparse.Namespace) -> int:
 def cmd_vectors(client: SteerClient, args: argparse.Namespace) -> int:
     v = client.vectors
     if args.action == "extract":
-        pairs = []
+        pairs: list[ContrastPair] = []
         for n, line in enumerate(Path(args.pairs).read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
                     pair = json.loads(line)
-                    pairs.append({"positive": pair["positive"], "negative": pair["negative"]})
+                    pairs.append(
+                        ContrastPair(positive=pair["positive"], negative=pair["negative"])
+                    )
                 except (ValueError, KeyError, TypeError):
                     raise ValueError(
                         f"{args.pairs}:{n}: expected {{\"positive\": ..., \"negative\": ...}}"

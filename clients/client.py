@@ -217,7 +217,9 @@ class SteerClient(BaseClient):
             todo = [(i, j) for i, r in enumerate(results) if r is None for j in range(len(points))]
             if todo:
                 self._fallback(bodies, points, todo, results, concurrency, timeout, bar)
-        return SweepResult.from_responses(prompts, full_grid, results)  # type: ignore[arg-type]
+        done = [r for r in results if r is not None]
+        assert len(done) == len(results)  # the fallback filled every prompt left
+        return SweepResult.from_responses(prompts, full_grid, done)
 
     def _fallback(
         self, bodies: list[dict[str, Any]], points: list[dict[str, Any]],

@@ -13,7 +13,7 @@ arrives in-band as ``data: {"error": {...}}``; iterating raises it as the
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator
 from types import TracebackType
 
 import httpx
@@ -106,7 +106,7 @@ class Stream:
         self._events = self._iter()
         self._collector = _Collector()
 
-    def _iter(self) -> Iterator[StreamEvent]:
+    def _iter(self) -> Generator[StreamEvent, None, None]:
         decoder = SSEDecoder()
         try:
             for line in self.response.iter_lines():
@@ -161,16 +161,16 @@ class AsyncStream:
     def __init__(self, opener: Callable[[], Awaitable[httpx.Response]]) -> None:
         self._opener = opener
         self.response: httpx.Response | None = None
-        self._events: AsyncIterator[StreamEvent] | None = None
+        self._events: AsyncGenerator[StreamEvent, None] | None = None
         self._collector = _Collector()
 
-    async def _open(self) -> AsyncIterator[StreamEvent]:
+    async def _open(self) -> AsyncGenerator[StreamEvent, None]:
         if self._events is None:
             self.response = await self._opener()
             self._events = self._iter(self.response)
         return self._events
 
-    async def _iter(self, response: httpx.Response) -> AsyncIterator[StreamEvent]:
+    async def _iter(self, response: httpx.Response) -> AsyncGenerator[StreamEvent, None]:
         decoder = SSEDecoder()
         try:
             async for line in response.aiter_lines():
@@ -207,7 +207,7 @@ class AsyncStream:
     async def aclose(self) -> None:
         """Stop reading and release the connection."""
         if self._events is not None:
-            await self._events.aclose()  # type: ignore[attr-defined]
+            await self._events.aclose()
         if self.response is not None:
             await self.response.aclose()
 

@@ -16,7 +16,9 @@
 #                   (default ${XDG_CACHE_HOME:-~/.cache}/steerserve-image-test)
 #   KEEP=1          keep images, containers and the wheel link afterwards
 #   STORAGE_DRIVER  overlay (default; falls back to vfs when overlay does not work) | vfs
-#   DEBIAN_MIRROR   debootstrap mirror (default http://deb.debian.org/debian)
+#   DEBIAN_MIRROR   debootstrap mirror (default: the one apt on this machine uses, read
+#                   by deploy/apt-mirror.sh from /etc/apt/sources.list.d/*.sources or
+#                   /etc/apt/sources.list; the script names no package host itself)
 #   TORCH_WHEEL     path to the torch CPU wheel (default: found with `pip download`)
 #   TAG             image name (default localhost/steerserve:test)
 #   HEALTH_TIMEOUT  seconds to wait for /health (default 180)
@@ -28,7 +30,6 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE_DIR=${CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/steerserve-image-test}
 KEEP=${KEEP:-0}
 STORAGE_DRIVER=${STORAGE_DRIVER:-overlay}
-DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SUITE=bookworm
 TAG=${TAG:-localhost/steerserve:test}
 BASE_TAG=localhost/steerserve-base:${SUITE}-python3
@@ -132,6 +133,8 @@ if "${BUILDAH[@]}" inspect --type image "$BASE_TAG" >/dev/null 2>&1; then
     echo "base image present"
 else
     if [[ ! -s $ROOTFS_TAR ]]; then
+        DEBIAN_MIRROR=$("$REPO/deploy/apt-mirror.sh" "$SUITE") || exit 1
+        echo "debootstrap mirror: $DEBIAN_MIRROR"
         root=$(mktemp -d "$CACHE_DIR/rootfs.XXXXXX")
         debootstrap --variant=minbase --include=python3,python3-venv,python3-pip \
             "$SUITE" "$root" "$DEBIAN_MIRROR"

@@ -355,7 +355,8 @@ class NgramPrior:
             },
             build_seconds=round(time.perf_counter() - t0, 4),
         )
-        return cls(name, tables, tokenizer_fingerprint, tuple(weights), meta)  # type: ignore[arg-type]
+        w1, w2, w3 = weights  # a tuple copy even if a caller passed a list
+        return cls(name, tables, tokenizer_fingerprint, (w1, w2, w3), meta)
 
     # ---- persistence (server.artifacts stores the arrays and this metadata)
     def to_artifact(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

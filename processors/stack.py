@@ -25,11 +25,6 @@ from processors.base import ParamError, Processor, ProcessorEnv, StepContext
 _REGISTRY: dict[str, type[Processor[Any]]] = {}
 _IN_FORWARD: set[str] = set()
 
-# Methods the design names whose implementation has not landed in this build yet. A
-# request naming one gets a clear 400 instead of a crash.
-PLANNED_TYPES: tuple[str, ...] = ()
-
-
 def register(cls: type[Processor[Any]], *, in_forward: bool = False) -> type[Processor[Any]]:
     """Make ``cls`` available as ``steering[].type == cls.type_name``."""
     _REGISTRY[cls.type_name] = cls
@@ -74,11 +69,6 @@ def parse_stack(
             raise ParamError(f"{prefix}.type", "each steering entry needs a string 'type'")
         cls = _REGISTRY.get(type_name)
         if cls is None:
-            if type_name in PLANNED_TYPES:
-                raise ParamError(
-                    f"{prefix}.type",
-                    f"steering type '{type_name}' is not available in this server build",
-                )
             known = ", ".join(registered_types())
             raise ParamError(
                 f"{prefix}.type", f"unknown steering type '{type_name}' (available: {known})"

@@ -241,13 +241,14 @@ class ArtifactStore:
         data_path, meta_path = self._paths(name)
         payload = st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
         digest = hashlib.sha256(payload).hexdigest()
+        created_at = time.time()
         record = {
             "format": STORE_FORMAT,
             "kind": self.kind,
             "name": name,
             "sha256": digest,
             "bytes": len(payload),
-            "created_at": time.time(),
+            "created_at": created_at,
             "meta": dict(meta),
         }
         text = json.dumps(record, indent=1, sort_keys=True, allow_nan=False).encode()
@@ -263,7 +264,7 @@ class ArtifactStore:
                     data_path.unlink()
                 raise
         return StoredArtifact(
-            name, dict(arrays), dict(meta), digest, len(payload), record["created_at"]
+            name, dict(arrays), dict(meta), digest, len(payload), created_at
         )
 
     def load(self, name: str) -> StoredArtifact:

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from server.chat import chat_template_ids
 from server.loading import ModelBundle, load_model
 
 log = logging.getLogger("steerserve.aux")
@@ -127,16 +128,7 @@ def render_prompt(
         text = prompt if isinstance(prompt, str) else main_tokenizer.decode(list(prompt or []))
         messages = [{"role": "user", "content": text}]
     tok = aux.bundle.tokenizer
-    ids = tok.apply_chat_template(
-        [dict(m) for m in messages],
-        chat_template=aux.chat_template,
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=False,
-    )
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return [int(i) for i in ids]
+    return chat_template_ids(tok, messages, chat_template=aux.chat_template)
 
 
 

@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -163,7 +163,7 @@ def convert_gguf(gguf: Path, data_dir: Path) -> Path:
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
         # save_pretrained refuses a model that still looks quantized.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]  # typed as a submodule slot by nn.Module's stub
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(str(tmp))
@@ -200,6 +200,18 @@ def resolve_source(source: str, data_dir: Path) -> Path | None:
     )
 
 
+_M = TypeVar("_M", bound=torch.nn.Module)
+
+
+def _moved(model: _M, device: torch.device, dtype: torch.dtype | None = None) -> _M:
+    """``model.to(...)`` seen through ``nn.Module``'s signature: transformers wraps its
+    override with ``functools.wraps(nn.Module.to)``, which type checkers read as an
+    unbound call. The override still runs (normal method dispatch)."""
+    if dtype is None:
+        return model.to(device=device)
+    return model.to(device=device, dtype=dtype)
+
+
 def load_model(
     source: str,
     data_dir: Path,
@@ -214,6 +226,9 @@ def load_model(
     t0 = time.monotonic()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    # Typed loosely on purpose: a tiny random Llama, any AutoModel or a quantized wrapper.
+    model: torch.nn.Module
+    tok: Any
     if source.startswith("random:"):
         from server.tiny import tiny_model
 
@@ -227,15 +242,18 @@ def load_model(
             raise ModelSourceError(
                 f"bad random model '{source}' (form: random:tiny[:SEED[:LAYERS]])"
             ) from None
-        model, tok = tiny_model(seed, **overrides)
-        model = model.to(device=dev, dtype=torch_dtype)
+        tiny, tok = tiny_model(seed, **overrides)
+        model = _moved(tiny, device=dev, dtype=torch_dtype)
     else:
         path = resolve_source(source, data_dir)
         assert path is not None
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch_dtype, local_files_only=True, attn_implementation="sdpa"
-        ).to(dev)
+        model = _moved(
+            AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch_dtype, local_files_only=True, attn_implementation="sdpa"
+            ),
+            device=dev,
+        )
     model.eval()
     model.requires_grad_(False)
     context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)

@@ -8,6 +8,8 @@ detokenization) and the model is ``LlamaForCausalLM`` with random weights from a
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -42,9 +44,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_config(vocab_size: int, **overrides: object) -> LlamaConfig:
+def tiny_config(vocab_size: int, **overrides: Any) -> LlamaConfig:
     """A small Llama configuration; ``overrides`` change any field (e.g. layers)."""
-    fields: dict[str, object] = dict(
+    fields: dict[str, Any] = dict(  # heterogeneous LlamaConfig keyword values
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -63,7 +65,7 @@ def tiny_config(vocab_size: int, **overrides: object) -> LlamaConfig:
 
 
 def tiny_model(
-    seed: int = 0, **overrides: object
+    seed: int = 0, **overrides: Any
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """Build the random model and its tokenizer deterministically from ``seed``."""
     tok = tiny_tokenizer()

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 import processors  # noqa: F401  (registers the shipped processors)
 from server import __version__
-from server.api.auth import APIKeyAuth
+from server.api.auth import APIKeyAuth, is_protected
 from server.api.errors import APIError, install_error_handlers
 from server.api.metrics import ServerMetrics
 from server.api.metrics import router as metrics_router
@@ -228,9 +228,6 @@ class JSONBodyGuard:
         await self.app(scope, replay, send)
 
 
-_PROTECTED = ("/health", "/metrics")
-
-
 def tidy_openapi(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Make the generated OpenAPI schema say what the server does (in place).
 
@@ -251,9 +248,7 @@ def tidy_openapi(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
             extra = []
             if "requestBody" in op:
                 extra += ["400", "413"]
-            if settings.api_keys and path not in exempt and (
-                path.startswith("/v1/") or path in _PROTECTED
-            ):
+            if settings.api_keys and is_protected(path, exempt):
                 extra.append("401")
             for code in extra:
                 responses.setdefault(code, envelope)
@@ -309,8 +304,10 @@ def create_app(
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             tidy_openapi(base_openapi(), settings)
-        return app.openapi_schema  # type: ignore[return-value]
+        assert app.openapi_schema is not None  # set by base_openapi()
+        return app.openapi_schema
 
+    # FastAPI's documented way to customize the schema is to replace this method.
     app.openapi = openapi  # type: ignore[method-assign]
     # add_middleware wraps: the last added runs first (CORS answers preflights before auth).
     app.add_middleware(JSONBodyGuard)

@@ -10,12 +10,20 @@ which key, or how much of one, matched. Failures are a 401 in the error envelope
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from server.api.errors import APIError
 
 _PROTECTED_EXACT = ("/health", "/metrics")
+
+
+def is_protected(path: str, exempt: Collection[str] = ()) -> bool:
+    """Whether API keys guard ``path``: ``/v1/*``, ``/health`` and ``/metrics``, minus
+    ``exempt`` (the middleware and the OpenAPI schema's 401s both ask here)."""
+    if path in exempt:
+        return False
+    return path.startswith("/v1/") or path == "/v1" or path in _PROTECTED_EXACT
 
 
 class APIKeyAuth:
@@ -28,9 +36,7 @@ class APIKeyAuth:
 
     def protected(self, path: str) -> bool:
         """``/v1/*``, ``/health`` and ``/metrics``, minus the exempt paths."""
-        if path in self.exempt:
-            return False
-        return path.startswith("/v1/") or path == "/v1" or path in _PROTECTED_EXACT
+        return is_protected(path, self.exempt)
 
     def authorized(self, header: bytes | None) -> bool:
         """True when ``header`` is ``Bearer <one of the keys>`` (constant time per key)."""

@@ -17,6 +17,7 @@ from processors.stack import parse_stack, stack_warnings
 from server.api.errors import APIError
 from server.api.protocol import GenerateRequest
 from server.auxiliary import expert_prompts
+from server.chat import chat_template_ids
 from server.engine.types import DiagnosticsMode, GenerationRequest, SamplingParams
 from server.loading import ModelBundle
 from server.settings import Settings
@@ -74,13 +75,7 @@ def tokenize_prompt(req: GenerateRequest, bundle: ModelBundle) -> list[int]:
             raise APIError(
                 400, "this model has no chat template; send 'prompt' instead", param="messages"
             )
-        msgs = [m.model_dump() for m in req.messages]
-        ids = tok.apply_chat_template(
-            msgs, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):  # some versions return a dict
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        return chat_template_ids(tok, [m.model_dump() for m in req.messages])
     if isinstance(req.prompt, list):
         if not req.prompt:
             raise APIError(400, "'prompt' must not be empty", param="prompt")

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from processors.base import ParamError
@@ -149,8 +149,9 @@ def _param_from_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
-    """Turn FastAPI's 422 into our 400, naming the first offending field."""
+def validation_error(exc: RequestValidationError | ValidationError) -> APIError:
+    """Turn FastAPI's 422 (or a pydantic error of a model validated by hand) into our
+    400, naming the first offending field."""
     errors = exc.errors()
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
     param = _param_from_loc(tuple(first.get("loc", ())))

@@ -18,7 +18,6 @@ error after the stream began is sent in-band as ``data: {"error": ...}`` before 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -33,12 +32,17 @@ from starlette.concurrency import run_in_threadpool
 
 from processors.base import ProcessorEnv
 from server.api.convert import to_generation_request
+from server.api.disconnect import cancel_on_disconnect
 from server.api.errors import APIError, clip, validation_error
 from server.api.openai_protocol import (
+    ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessageOut,
+    CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    UsageOut,
 )
 from server.api.protocol import ChatMessage, GenerateRequest
 from server.api.routes import ERROR_RESPONSES, sse
@@ -117,7 +121,7 @@ def _validate_native(fields: dict[str, Any]) -> GenerateRequest:
     try:
         return GenerateRequest.model_validate(fields)
     except ValidationError as exc:
-        raise validation_error(exc) from None  # type: ignore[arg-type]
+        raise validation_error(exc) from None
 
 
 def _chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
@@ -369,7 +373,7 @@ def _logprob_items(ev: TokenEvent) -> list[tuple[int, TokenLogprob]]:
 async def _collect(
     kind: Kind, plan: _Plan, streams: ChoiceStreams, call_id: str, created: int,
     model: str, strings: TokenStrings,
-) -> dict[str, Any]:
+) -> CompletionResponse | ChatCompletionResponse:
     """Wait for every choice and build the non-streaming response."""
     states = [_ChoiceState() for _ in plan.requests]
     async for i, ev in streams.events():
@@ -383,35 +387,44 @@ async def _collect(
         else:
             streams.cancel()
             raise APIError(ev.code, ev.message, type=ev.type)
-    choices: list[dict[str, Any]] = []
+    finished: list[tuple[int, str, FinishEvent, dict[str, Any] | None]] = []
     for i, st in enumerate(states):
         assert st.finish is not None
-        text = "".join(st.text)
         lp: dict[str, Any] | None = None
         if plan.logprobs is not None:
             lp = (completion_logprobs(st.logprobs, strings, 0) if kind == "completion"
                   else chat_logprobs(st.logprobs, strings))
-        choice: dict[str, Any] = {"index": i}
-        if kind == "completion":
-            choice["text"] = text
-        else:
-            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
-        choice.update(logprobs=lp, finish_reason=st.finish.finish_reason)
-        if st.finish.diagnostics is not None:
-            choice["diagnostics"] = st.finish.diagnostics
-        choices.append(choice)
-    out = {
-        "id": call_id,
-        "object": "text_completion" if kind == "completion" else "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": _usage(states, len(plan.requests) // plan.n_prompts),
-        "system_fingerprint": None,
-    }
-    warnings = _warnings(plan)
-    if warnings:
-        out["warnings"] = warnings  # steerserve extra, like the native API's
+        finished.append((i, "".join(st.text), st.finish, lp))
+    usage = UsageOut(**_usage(states, len(plan.requests) // plan.n_prompts))
+    warnings = _warnings(plan) or None  # steerserve extra, like the native API's
+    if kind == "completion":
+        return CompletionResponse(
+            id=call_id, created=created, model=model, usage=usage, warnings=warnings,
+            choices=[
+                CompletionChoice(index=i, text=text, logprobs=lp,
+                                 finish_reason=fin.finish_reason, diagnostics=fin.diagnostics)
+                for i, text, fin, lp in finished
+            ],
+        )
+    return ChatCompletionResponse(
+        id=call_id, created=created, model=model, usage=usage, warnings=warnings,
+        choices=[
+            ChatChoice(index=i, message=ChatMessageOut(content=text), logprobs=lp,
+                       finish_reason=fin.finish_reason, diagnostics=fin.diagnostics)
+            for i, text, fin, lp in finished
+        ],
+    )
+
+
+def response_json(response: CompletionResponse | ChatCompletionResponse) -> dict[str, Any]:
+    """The wire form: OpenAI's fields always (``null`` included, as OpenAI sends them);
+    the steerserve extras (``warnings``, a choice's ``diagnostics``) only when set."""
+    out = response.model_dump()
+    if out["warnings"] is None:
+        del out["warnings"]
+    for choice in out["choices"]:
+        if choice["diagnostics"] is None:
+            del choice["diagnostics"]
     return out
 
 
@@ -485,13 +498,6 @@ async def _stream(
         streams.cancel()
 
 
-async def _watch_disconnect(request: Request, streams: ChoiceStreams) -> None:
-    """Cancel every choice when the HTTP client goes away (non-streaming)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    streams.cancel()
-
-
 async def _serve(
     kind: Kind, body: CompletionRequest | ChatCompletionRequest, request: Request,
     state: ServerState,
@@ -512,15 +518,9 @@ async def _serve(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    watcher = asyncio.create_task(_watch_disconnect(request, streams))
-    try:
+    async with cancel_on_disconnect(request, streams.cancel):
         result = await _collect(kind, plan, streams, call_id, created, bundle.name, strings)
-    finally:
-        streams.cancel()
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
-    return JSONResponse(result)
+    return JSONResponse(response_json(result))
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_STREAM_RESPONSES)

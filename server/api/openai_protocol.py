@@ -10,13 +10,11 @@ frozen types happens once, in ``server.api.openai_compat``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.protocol import SteeringEntry, StrictBool, StrictFloat, StrictInt
-
-StrictStr = Annotated[str, Strict()]
+from server.api.protocol import SteeringEntry, StrictBool, StrictFloat, StrictInt, StrictStr
 
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 5 / 20, vLLM 20)
 
@@ -107,8 +105,9 @@ class ChatCompletionRequest(_OpenAIRequest):
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
-# Responses are plain dicts built in openai_compat (their shapes are OpenAI's); these
-# models document them in the OpenAPI schema.
+# Non-streaming responses are built from these models (their shapes are OpenAI's, plus
+# steerserve's ``diagnostics``/``warnings`` extras, sent only when set); see
+# ``openai_compat.response_json``.
 
 
 class CompletionChoice(BaseModel):
@@ -118,7 +117,9 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
-    diagnostics: dict[str, Any] | None = None
+    diagnostics: dict[str, Any] | None = Field(
+        None, description="steerserve extra: steering diagnostics (sent when asked for)."
+    )
 
 
 class UsageOut(BaseModel):
@@ -138,6 +139,10 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageOut
+    system_fingerprint: str | None = None
+    warnings: list[str] | None = Field(
+        None, description="steerserve extra: notes on the steering stack (sent when any)."
+    )
 
 
 class ChatMessageOut(BaseModel):
@@ -155,7 +160,9 @@ class ChatChoice(BaseModel):
     message: ChatMessageOut
     logprobs: dict[str, Any] | None = None
     finish_reason: str | None = None
-    diagnostics: dict[str, Any] | None = None
+    diagnostics: dict[str, Any] | None = Field(
+        None, description="steerserve extra: steering diagnostics (sent when asked for)."
+    )
 
 
 class ChatCompletionResponse(BaseModel):
@@ -167,3 +174,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageOut
+    system_fingerprint: str | None = None
+    warnings: list[str] | None = Field(
+        None, description="steerserve extra: notes on the steering stack (sent when any)."
+    )

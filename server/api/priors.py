@@ -14,11 +14,11 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field
 
 from processors.base import ParamError
 from processors.ngram import NgramPrior, check_weights
@@ -38,6 +38,7 @@ from server.api.artifact_http import (
     registry as artifact_registry,
 )
 from server.api.errors import APIError, artifact_or_404, error_responses
+from server.api.protocol import StrictFloat, StrictInt, StrictStr
 from server.api.state import ServerState, StateDep
 from server.artifacts import ArtifactExistsError, ArtifactRegistry
 from server.corpora import (
@@ -53,8 +54,6 @@ from server.corpora import (
 log = logging.getLogger("steerserve.priors")
 router = APIRouter()
 
-StrictStr = Annotated[str, Strict()]
-StrictFloat = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 _ERRORS = error_responses(400, 404, 409, 413, 429, 503, 507)  # POST (507: disk/budget)
 _READ_ERRORS = error_responses(404, 503)
 _TOKENIZE_BATCH = 256  # documents per tokenizer call (progress granularity)
@@ -70,7 +69,7 @@ class PriorCreate(BaseModel):
         None, description="Uploaded corpus: one document, or a list of documents."
     )
     corpus: StrictStr | None = Field(None, description="A named corpus (GET /v1/corpora).")
-    max_documents: Annotated[int, Strict()] | None = Field(
+    max_documents: StrictInt | None = Field(
         None, ge=1, description="Use only the first N documents of a named corpus."
     )
     estimator: StrictStr = Field("jelinek_mercer", description="jelinek_mercer | kneser_ney")

@@ -6,6 +6,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict
 
+# The strict scalar types of every request model (no coercion: "1" is not 1, 1 is not
+# true); one home for the native, OpenAI, priors and control-vector models.
+StrictStr = Annotated[str, Strict()]
 StrictInt = Annotated[int, Strict()]
 StrictFloat = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 StrictBool = Annotated[bool, Strict()]
@@ -17,7 +20,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: Annotated[str, Strict()]
+    content: StrictStr
 
 
 class SteeringEntry(BaseModel):
@@ -26,7 +29,7 @@ class SteeringEntry(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    type: Annotated[str, Strict()] = Field(
+    type: StrictStr = Field(
         description="ngram | control | fusion | margin | logit_bias"
     )
 
@@ -36,7 +39,7 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: Annotated[str, Strict()] | list[StrictInt] | None = Field(
+    prompt: StrictStr | list[StrictInt] | None = Field(
         None, description="Raw text or token ids. Exactly one of prompt/messages."
     )
     messages: list[ChatMessage] | None = Field(
@@ -49,7 +52,7 @@ class GenerateRequest(BaseModel):
     min_p: StrictFloat = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: StrictFloat = Field(1.0, gt=0.0, le=10.0)
     seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
-    stop: Annotated[str, Strict()] | list[Annotated[str, Strict()]] | None = None
+    stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool = False
     min_tokens: StrictInt = Field(0, ge=0)
@@ -128,10 +131,13 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+HealthStatus = Literal["ok", "loading", "error", "draining"]
+
+
 class Health(BaseModel):
     """``GET /health``."""
 
-    status: Literal["ok", "loading", "error", "draining"]
+    status: HealthStatus
     model: str | None = None
     detail: str | None = None
     running: int = 0

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import PurePath
@@ -14,13 +12,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.api.convert import to_generation_request
+from server.api.disconnect import cancel_on_disconnect
 from server.api.errors import APIError, error_responses
 from server.api.protocol import (
     GenerateRequest,
     GenerateResponse,
     Health,
+    HealthStatus,
     ModelCard,
     ModelList,
+    StreamEvent,
     Usage,
 )
 from server.api.state import EventStream, StateDep, submit
@@ -51,15 +52,6 @@ def error_payload(ev: ErrorEvent) -> dict[str, Any]:
     return APIError(ev.code, ev.message, type=ev.type).body()
 
 
-async def watch_disconnect(request: Request, stream: EventStream) -> None:
-    """Cancel the engine request when the HTTP client goes away (non-streaming)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            stream.cancel()
-            return
-
-
 @router.post(
     "/v1/generate",
     response_model=GenerateResponse,
@@ -79,14 +71,8 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep) -> 
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    watcher = asyncio.create_task(watch_disconnect(request, stream))
-    try:
+    async with cancel_on_disconnect(request, stream.cancel):
         response = await collect(stream, req.request_id, model, req.warnings)
-    finally:
-        stream.cancel()
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
     return JSONResponse(response.model_dump(exclude_none=True))
 
 
@@ -130,28 +116,27 @@ async def collect(
 async def _stream_frames(
     stream: EventStream, request_id: str, model: str, warnings: tuple[str, ...] = ()
 ) -> AsyncIterator[bytes]:
-    """SSE frames for one request; cancels the engine row if the client disconnects."""
+    """SSE frames (each a :class:`StreamEvent`) for one request; cancels the engine row
+    if the client disconnects."""
     try:
         async for ev in stream.events():
             if isinstance(ev, TokenEvent):
-                frame = {"id": request_id, "model": model, "text": ev.text,
-                         "token_ids": list(ev.token_ids), "finish_reason": None}
-                if ev.logprobs is not None:
-                    frame["logprobs"] = logprob_entries(ev)
-                yield sse(frame)
+                yield stream_frame(StreamEvent(
+                    id=request_id, model=model, text=ev.text, token_ids=list(ev.token_ids),
+                    logprobs=None if ev.logprobs is None else logprob_entries(ev),
+                ))
             elif isinstance(ev, FinishEvent):
-                usage = {
-                    "prompt_tokens": ev.prompt_tokens,
-                    "completion_tokens": ev.completion_tokens,
-                    "total_tokens": ev.prompt_tokens + ev.completion_tokens,
-                }
-                frame = {"id": request_id, "model": model, "text": ev.text, "token_ids": [],
-                         "finish_reason": ev.finish_reason, "usage": usage}
-                if ev.diagnostics is not None:
-                    frame["diagnostics"] = ev.diagnostics
-                if warnings:
-                    frame["warnings"] = list(warnings)
-                yield sse(frame)
+                yield stream_frame(StreamEvent(
+                    id=request_id, model=model, text=ev.text, token_ids=[],
+                    finish_reason=ev.finish_reason,
+                    usage=Usage(
+                        prompt_tokens=ev.prompt_tokens,
+                        completion_tokens=ev.completion_tokens,
+                        total_tokens=ev.prompt_tokens + ev.completion_tokens,
+                    ),
+                    diagnostics=ev.diagnostics,
+                    warnings=list(warnings) or None,
+                ))
             else:
                 assert isinstance(ev, ErrorEvent)
                 yield sse(error_payload(ev))
@@ -167,6 +152,13 @@ def public_source(source: str) -> str:
     if source.startswith(("embedded:", "random:")):
         return source
     return PurePath(source.rstrip("/\\")).name or "local"
+
+
+def stream_frame(event: StreamEvent) -> bytes:
+    """One ``StreamEvent`` as an SSE frame: ``finish_reason`` is always present (``null``
+    until the last frame); the optional extras only when set."""
+    extras = ("usage", "diagnostics", "logprobs", "warnings")
+    return sse(event.model_dump(exclude={k for k in extras if getattr(event, k) is None}))
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(503))
@@ -203,12 +195,14 @@ async def list_models(state: StateDep) -> ModelList:
 async def health(state: StateDep) -> JSONResponse:
     """200 when the engine is ready; 503 while loading, draining or after a failure."""
     engine = state.engine
+    status: HealthStatus
+    detail: str | None
     if state.status == "ok" and engine is not None and not engine.alive:
         status, detail = "error", engine.dead or "the engine stopped"
     else:
         status, detail = state.status, state.detail
     body = Health(
-        status=status,  # type: ignore[arg-type]
+        status=status,
         model=state.bundle.name if state.bundle else None,
         detail=detail,
         running=engine.running if engine else 0,

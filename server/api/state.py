@@ -16,6 +16,7 @@ from processors.base import ProcessorEnv
 from processors.control import GEOMETRY, RESOURCE, ControlVector
 from processors.ngram import NgramPrior
 from server.api.errors import APIError
+from server.api.protocol import HealthStatus
 from server.artifacts import ArtifactRegistry
 from server.auxiliary import AuxBundle, aux_roles, check_aux, load_aux_models
 from server.engine import (
@@ -41,7 +42,7 @@ class ServerState:
     bundle: ModelBundle | None = None
     engine: Engine | None = None
     env: ProcessorEnv | None = None
-    status: str = "loading"  # loading | ok | error | draining
+    status: HealthStatus = "loading"
     detail: str | None = None
     resources: dict[str, Any] = field(default_factory=dict)
     metrics: Any = None  # server.api.metrics.ServerMetrics (also the engine's observer)

@@ -9,7 +9,6 @@ has room they are admitted together and — having the same prompt — share one
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import itertools
 import uuid
@@ -21,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from server.api.convert import to_generation_request
+from server.api.disconnect import cancel_on_disconnect
 from server.api.errors import APIError, validation_error
 from server.api.protocol import GenerateRequest, GenerateResponse
 from server.api.routes import ERROR_RESPONSES, collect
@@ -99,7 +99,7 @@ def expand(sweep: SweepRequest, limit: int) -> list[tuple[dict[str, Any], Genera
         try:
             req = GenerateRequest.model_validate(body)
         except ValidationError as exc:
-            err = validation_error(exc)  # type: ignore[arg-type]
+            err = validation_error(exc)
             raise APIError(400, err.message, param=f"request.{err.param}") from None
         points.append((params, req))
     return points
@@ -133,24 +133,15 @@ async def sweep(body: SweepRequest, request: Request, state: StateDep) -> JSONRe
     for s, h in zip(streams, handles, strict=True):
         s.handle = h
 
-    async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+    def cancel_all() -> None:
         for s in streams:
             s.cancel()
 
-    watcher = asyncio.create_task(watch())
-    try:
+    async with cancel_on_disconnect(request, cancel_all):
         responses = await asyncio.gather(*[
             collect(s, r.request_id, bundle.name, r.warnings)
             for s, r in zip(streams, reqs, strict=True)
         ])
-    finally:
-        for s in streams:
-            s.cancel()
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
     result = SweepResponse(results=[
         SweepPoint(params=params, response=resp)
         for (params, _), resp in zip(points, responses, strict=True)

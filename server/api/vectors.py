@@ -25,12 +25,12 @@ import logging
 import re
 import threading
 import time
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from processors.base import ParamError
@@ -63,6 +63,7 @@ from server.api.artifact_http import (
 from server.api.artifact_http import registry as artifact_registry
 from server.api.convert import longest_token_chars
 from server.api.errors import APIError, artifact_or_404, error_responses
+from server.api.protocol import StrictBool, StrictStr
 from server.api.state import ServerState, StateDep
 from server.artifacts import ArtifactExistsError, ArtifactRegistry
 from server.engine.hooks import ControlHooks
@@ -70,7 +71,6 @@ from server.engine.hooks import ControlHooks
 log = logging.getLogger("steerserve.control")
 router = APIRouter()
 
-StrictStr = Annotated[str, Strict()]
 MAX_PAIRS = 1024  # pairs per extraction (texts run = 2 × pairs); more is a 413
 MAX_TEXT_TOKENS = 512  # tokens per pair text
 EXTRACT_BATCH = 16  # texts per forward
@@ -113,7 +113,7 @@ class VectorCreate(BaseModel):
     suffixes: list[StrictStr] | None = Field(
         None, description="Appended to every pair text; pairs × suffixes are used."
     )
-    chat: Annotated[bool, Strict()] = Field(
+    chat: StrictBool = Field(
         False,
         description="Wrap each text (before its suffix) as a user message in the model's chat "
         "template with the assistant turn opened; the suffix starts the answer.",

@@ -13,6 +13,28 @@ from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+def layer_kv(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys, values`` ``(B, H_kv, L, head_dim)`` of one filled attention layer.
+
+    ``DynamicCache.layers`` is typed as a union that includes linear-attention layers
+    (no keys/values) and unfilled ones (``None``); the models served here only have
+    filled full-attention layers by the time the engine touches them, so anything else
+    is a bug, raised here rather than as an ``AttributeError`` deep inside a gather.
+    """
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TypeError(f"expected a filled attention cache layer, got {type(layer).__name__}")
+    return keys, values
+
+
+def set_layer_kv(layer: object, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace one attention layer's ``keys, values`` (see :func:`layer_kv`)."""
+    if not isinstance(layer, DynamicLayer):
+        raise TypeError(f"expected a DynamicLayer, got {type(layer).__name__}")
+    layer.keys, layer.values = keys, values
 
 
 def _left_pad(t: torch.Tensor, extra: int, dim: int) -> torch.Tensor:
@@ -64,11 +86,11 @@ class BatchState:
         L_old, L_new = self.mask.shape[1], mask.shape[1]
         L = max(L_old, L_new)
         for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat(
-                [_left_pad(old.keys, L - L_old, 2), _left_pad(new.keys, L - L_new, 2)], 0
-            )
-            old.values = torch.cat(
-                [_left_pad(old.values, L - L_old, 2), _left_pad(new.values, L - L_new, 2)], 0
+            (ok, ov), (nk, nv) = layer_kv(old), layer_kv(new)
+            set_layer_kv(
+                old,
+                torch.cat([_left_pad(ok, L - L_old, 2), _left_pad(nk, L - L_new, 2)], 0),
+                torch.cat([_left_pad(ov, L - L_old, 2), _left_pad(nv, L - L_new, 2)], 0),
             )
         self.mask = torch.cat(
             [_left_pad(self.mask, L - L_old, 1), _left_pad(mask, L - L_new, 1)], 0
@@ -99,8 +121,11 @@ class BatchState:
         real_cols = self.mask.any(dim=0)
         first = int(real_cols.nonzero()[0, 0]) if bool(real_cols.any()) else 0
         for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
-            layer.values = layer.values.index_select(0, idx)[:, :, first:]
+            keys, values = layer_kv(layer)
+            set_layer_kv(
+                layer, keys.index_select(0, idx)[:, :, first:],
+                values.index_select(0, idx)[:, :, first:],
+            )
         self.mask = self.mask[:, first:]
 
     def rebuild_seen(self, histories: Sequence[Sequence[int]]) -> None:

@@ -66,7 +66,9 @@ class ControlHooks:
     def __init__(self, model: nn.Module) -> None:
         self.layers = decoder_layers(model)
         self.num_layers = len(self.layers)
-        self.hidden_size = int(model.config.hidden_size)
+        # A transformers config; nn.Module types unknown attributes as submodules.
+        config: Any = model.config
+        self.hidden_size = int(config.hidden_size)
         self._local = threading.local()
         self.calls = 0  # forwards that steered (tests)
         self._handles = [

@@ -27,7 +27,7 @@ from processors.control import ControlSpec, build_phase, control_specs, phase_ke
 from processors.metrics import STEP_STAT_NAMES, step_stats, summarize
 from processors.stack import ProcessorStack
 from server.engine.aux import AuxPool
-from server.engine.batch import BatchState
+from server.engine.batch import BatchState, layer_kv, set_layer_kv
 from server.engine.detok import IncrementalDetokenizer
 from server.engine.observer import EngineObserver
 from server.engine.runner import ModelRunner
@@ -304,8 +304,8 @@ class Engine:
         if owner != list(range(len(unique))):
             idx = torch.tensor(owner, dtype=torch.long, device=self.device)
             for layer in cache.layers:
-                layer.keys = layer.keys.index_select(0, idx)
-                layer.values = layer.values.index_select(0, idx)
+                keys, values = layer_kv(layer)
+                set_layer_kv(layer, keys.index_select(0, idx), values.index_select(0, idx))
             mask, last, logits = mask[idx], last[idx], logits[idx]
         self.prefill_rows += len(unique)
         self.batch.add(cache, mask, last, logits)

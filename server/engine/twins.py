@@ -28,7 +28,7 @@ import torch
 from transformers import DynamicCache
 
 from processors.control import ControlSpec
-from server.engine.batch import BatchState
+from server.engine.batch import BatchState, layer_kv
 from server.engine.runner import ModelRunner
 from server.engine.types import GenerationRequest
 
@@ -43,9 +43,10 @@ def wants_twin(request: GenerationRequest, specs: Sequence[ControlSpec]) -> bool
 
 def select_rows(cache: DynamicCache, idx: torch.Tensor, config: Any) -> DynamicCache:
     """A new cache holding rows ``idx (N,)`` of ``cache`` (``cache`` is not changed)."""
-    data = [
-        (lay.keys.index_select(0, idx), lay.values.index_select(0, idx)) for lay in cache.layers
-    ]
+    data = []
+    for lay in cache.layers:
+        keys, values = layer_kv(lay)
+        data.append((keys.index_select(0, idx), values.index_select(0, idx)))
     return DynamicCache(ddp_cache_data=data, config=config)
 
 
