@@ -890,7 +890,6 @@ class AfterWatch:
         self.markers = dict(markers)
         self._tail: dict[int, str] = {k: "" for k in self.markers}
         self.fired: set[int] = set()
-        self._seen = 0
 
     @classmethod
     def of(cls, specs: Sequence[ControlSpec]) -> AfterWatch | None:
@@ -898,12 +897,6 @@ class AfterWatch:
         m = {k: s.positions.marker for k, s in enumerate(specs)
              if s.positions.kind == "after" and not s.is_noop}
         return cls(m) if m else None
-
-    def scan(self, full: str) -> list[int]:
-        """Like :meth:`push`, given the row's whole text so far (only the new part is read)."""
-        seen = self._seen
-        self._seen = len(full)
-        return self.push(full[min(seen, len(full)):])
 
     def push(self, text: str) -> list[int]:
         """Entries whose marker appeared with ``text`` (each fires once)."""

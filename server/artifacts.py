@@ -9,17 +9,28 @@ An artifact ``NAME`` of a store rooted at ``DIR`` is two files:
 Writes go to a temporary file in the same directory, are fsynced and renamed into
 place, then the directory is fsynced. The data file is written first and the JSON last,
 so the JSON is the commit point: a crash leaves either no artifact or a complete one
-(an orphaned data file or temp file is ignored and cleaned up at the next scan). At load,
+(an orphaned data file or temp file is ignored and cleaned up at a later scan). At load,
 an artifact whose JSON does not parse, whose data file is missing, differs from its
 checksum or fails the owner's decoder is *reported and skipped*, never loaded half.
 
-The store is generic: n-gram priors and control vectors both use it, each with its own
-``kind`` and codec (:class:`ArtifactRegistry`).
+Several processes may share one directory (replicas on one volume). Every write of a
+name happens under an exclusive ``fcntl.flock`` on ``DIR/.NAME.lock``, taken without
+waiting and held from :meth:`ArtifactRegistry.reserve` (before the build starts) to the
+commit: exactly one writer of a name proceeds, every other gets ``ArtifactExistsError``
+(the API's 409) before doing any work, and a process that dies releases its lock with
+it. Start-up scans remove only temporary files older than a grace period and data
+files whose name's lock is free (no writer anywhere), never another replica's write in
+progress.
+
+The store is generic: priors and control vectors each use it with their own ``kind``
+and codec (:class:`ArtifactRegistry`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -63,6 +74,67 @@ class ArtifactNotFoundError(ArtifactError, KeyError):
 
 class CorruptArtifactError(ArtifactError):
     """The files on disk are unreadable or fail their checksum."""
+
+
+class ArtifactBudgetError(ArtifactError):
+    """Storing the artifact would exceed the memory budget of loaded artifacts."""
+
+    def __init__(self, size: int, room: int) -> None:
+        super().__init__(f"the artifact needs {size} bytes; {max(room, 0)} bytes of the "
+                         "artifact memory budget are free")
+        self.size, self.room = size, room
+
+
+class ArtifactBusyError(ArtifactExistsError):
+    """Another writer (this process or another sharing the directory) holds the name."""
+
+
+class NameLock:
+    """An exclusive, non-blocking ``flock`` on ``root/.NAME.lock`` (see the module doc).
+
+    The lock file is unlinked on release; a waiter that opened the old file notices
+    (its inode is no longer the path's) and retries, so exactly one holder exists even
+    while files come and go. ``acquire`` raises :class:`ArtifactBusyError` when held.
+    """
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.path = root / f".{name}.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> NameLock:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise ArtifactBusyError(
+                        f"'{self.path.name[1:-5]}' is being written by another build"
+                    ) from None
+                raise
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return self
+            os.close(fd)  # released and unlinked meanwhile: lock the new file instead
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still held: nobody can hold a lock on it now
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> NameLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def check_name(name: str) -> str:
@@ -113,13 +185,46 @@ class StoredArtifact:
 
 
 class ArtifactStore:
-    """The files of one artifact kind under ``root`` (created if missing)."""
+    """The files of one artifact kind under ``root`` (created if missing).
 
-    def __init__(self, root: Path, kind: str) -> None:
+    ``tmp_grace_s``: temporary files younger than this are never swept (another process
+    sharing the directory may be writing them).
+    """
+
+    def __init__(self, root: Path, kind: str, tmp_grace_s: float = 300.0) -> None:
         self.root = Path(root)
         self.kind = kind
+        self.tmp_grace_s = tmp_grace_s
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._held: dict[str, NameLock] = {}  # names this store has locked (reserve)
+
+    def lock(self, name: str) -> NameLock:
+        """Take ``name``'s cross-process write lock (ArtifactBusyError if held); the
+        caller releases it with :meth:`unlock`. ``save`` of a locked name uses it."""
+        check_name(name)
+        lock = NameLock(self.root, name).acquire()
+        with self._lock:
+            self._held[name] = lock
+        return lock
+
+    def unlock(self, name: str) -> None:
+        with self._lock:
+            lock = self._held.pop(name, None)
+        if lock is not None:
+            lock.release()
+
+    @contextlib.contextmanager
+    def _writing(self, name: str) -> Iterator[None]:
+        """Hold ``name``'s lock for one write: the one this store already holds (a
+        reservation), or a new one for the duration."""
+        with self._lock:
+            held = name in self._held
+        if held:
+            yield
+            return
+        with NameLock(self.root, name):
+            yield
 
     def _paths(self, name: str) -> tuple[Path, Path]:
         check_name(name)
@@ -147,7 +252,7 @@ class ArtifactStore:
             "meta": dict(meta),
         }
         text = json.dumps(record, indent=1, sort_keys=True, allow_nan=False).encode()
-        with self._lock:
+        with self._writing(name):
             if meta_path.exists():
                 raise ArtifactExistsError(f"{self.kind} '{name}' already exists")
             write_atomic(data_path, payload)
@@ -202,7 +307,7 @@ class ArtifactStore:
     def delete(self, name: str) -> None:
         """Remove an artifact (JSON first, so a crash mid-delete leaves no artifact)."""
         data_path, meta_path = self._paths(name)
-        with self._lock:
+        with self._writing(name):
             if not meta_path.exists() and not data_path.exists():
                 raise ArtifactNotFoundError(name)
             with contextlib.suppress(FileNotFoundError):
@@ -220,27 +325,58 @@ class ArtifactStore:
             if p.suffix == _META_SUFFIX and NAME_RE.fullmatch(p.stem)
         )
 
+    def _sweep_tmp(self, path: Path, now: float) -> None:
+        """Remove a leftover temporary file once it is older than ``tmp_grace_s`` and no
+        process holds its artifact's lock (its writer died); a write in progress, here
+        or in a replica sharing the directory, is left alone."""
+        try:
+            age = now - path.stat().st_mtime
+        except FileNotFoundError:
+            return  # its writer renamed it into place meanwhile
+        if age < self.tmp_grace_s:
+            return
+        # ".NAME.json.RANDOM.tmp" / ".NAME.safetensors.RANDOM.tmp" (write_atomic)
+        stem = path.name[1:].removesuffix(".tmp").rpartition(".")[0]
+        name = stem.removesuffix(_META_SUFFIX).removesuffix(_DATA_SUFFIX)
+        with self._lock:
+            if name in self._held:
+                return
+        try:
+            lock = NameLock(self.root, name).acquire() if NAME_RE.fullmatch(name) else None
+        except ArtifactBusyError:
+            return
+        try:
+            log.info("removing leftover temporary file %s (%.0f s old)", path, age)
+            with contextlib.suppress(OSError):
+                path.unlink()
+        finally:
+            if lock is not None:
+                lock.release()
+
     def names(self) -> list[str]:
-        """Committed artifact names (sorted); removes leftover temp files and data files
-        whose JSON never landed (a crash between the two renames)."""
+        """Committed artifact names (sorted). Sweeps what dead writers left: temporary
+        files (:meth:`_sweep_tmp`) and data files whose JSON never landed (a crash
+        between the two renames), each only when no process holds that name's lock."""
         out: list[str] = []
-        with self._lock:  # never sweep the files of a save in progress
-            for p in sorted(self.root.iterdir()):
-                if p.name.startswith(".") and p.name.endswith(".tmp"):
-                    log.info("removing leftover temporary file %s", p)
-                    with contextlib.suppress(OSError):
-                        p.unlink()
-                elif p.suffix == _META_SUFFIX and NAME_RE.fullmatch(p.stem):
-                    out.append(p.stem)
-                elif (
-                    p.suffix == _DATA_SUFFIX
-                    and NAME_RE.fullmatch(p.stem)
-                    and not p.with_suffix(_META_SUFFIX).exists()
-                ):
-                    log.info("removing uncommitted data file %s", p)
-                    with contextlib.suppress(OSError):
-                        p.unlink()
-        return out
+        now = time.time()
+        for p in sorted(self.root.iterdir()):
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                self._sweep_tmp(p, now)
+            elif p.suffix == _META_SUFFIX and NAME_RE.fullmatch(p.stem):
+                out.append(p.stem)
+            elif p.suffix == _DATA_SUFFIX and NAME_RE.fullmatch(p.stem):
+                with self._lock:
+                    if p.stem in self._held:
+                        continue
+                try:
+                    with NameLock(self.root, p.stem):
+                        if not p.with_suffix(_META_SUFFIX).exists():
+                            log.info("removing uncommitted data file %s", p)
+                            with contextlib.suppress(OSError):
+                                p.unlink()
+                except ArtifactBusyError:
+                    continue  # someone is writing it right now
+        return sorted(set(out))
 
 
 T = TypeVar("T")
@@ -268,10 +404,11 @@ class ArtifactRegistry(Mapping[str, T], Generic[T]):
 
     @classmethod
     def open(
-        cls, root: Path, kind: str, decode: Decoder[T], encode: Encoder[T]
+        cls, root: Path, kind: str, decode: Decoder[T], encode: Encoder[T],
+        tmp_grace_s: float = 300.0,
     ) -> ArtifactRegistry[T]:
         """Create the store under ``root`` and load everything in it."""
-        reg = cls(ArtifactStore(root, kind), decode, encode)
+        reg = cls(ArtifactStore(root, kind, tmp_grace_s), decode, encode)
         reg.load_all()
         return reg
 
@@ -361,6 +498,10 @@ class ArtifactRegistry(Mapping[str, T], Generic[T]):
     def __len__(self) -> int:
         return len(self._items)
 
+    def loaded_bytes(self) -> int:
+        """Stored size of every loaded artifact (what the memory budget counts)."""
+        return sum(r.bytes for r in self._records.values())
+
     def record(self, name: str) -> StoredArtifact:
         """The stored record (checksum, size, creation time) of a loaded artifact."""
         return self._records[name]
@@ -368,7 +509,9 @@ class ArtifactRegistry(Mapping[str, T], Generic[T]):
     # ---- mutation
     @contextlib.contextmanager
     def reserve(self, name: str) -> Iterator[None]:
-        """Hold ``name`` while an artifact is being built (409 for a concurrent build)."""
+        """Hold ``name`` while an artifact is being built: ArtifactExistsError (409) when
+        it exists or another build of it runs, in this process or in any other sharing
+        the directory (the name's lock is held until the block ends)."""
         check_name(name)
         with self._lock:
             if name in self._items or name in self._pending or name in self.corrupt:
@@ -376,18 +519,32 @@ class ArtifactRegistry(Mapping[str, T], Generic[T]):
                 raise ArtifactExistsError(
                     f"{self.store.kind} '{name}' already exists" + (f" as {what}" if what else "")
                 )
-            if self.store.exists(name):
-                raise ArtifactExistsError(f"{self.store.kind} '{name}' already exists")
             self._pending.add(name)
         try:
-            yield
+            try:
+                self.store.lock(name)
+            except ArtifactBusyError:
+                raise ArtifactExistsError(
+                    f"{self.store.kind} '{name}' is being built by another request"
+                ) from None
+            try:
+                if self.store.exists(name):  # committed by another process
+                    raise ArtifactExistsError(f"{self.store.kind} '{name}' already exists")
+                yield
+            finally:
+                self.store.unlock(name)
         finally:
             with self._lock:
                 self._pending.discard(name)
 
-    def add(self, name: str, obj: T) -> StoredArtifact:
-        """Persist ``obj`` under ``name`` and register it."""
+    def add(self, name: str, obj: T, max_bytes: int | None = None) -> StoredArtifact:
+        """Persist ``obj`` under ``name`` and register it; ArtifactBudgetError (nothing
+        written) when its arrays exceed ``max_bytes``."""
         arrays, meta = self._encode(obj)
+        if max_bytes is not None:
+            size = sum(int(np.asarray(a).nbytes) for a in arrays.values())
+            if size > max_bytes:
+                raise ArtifactBudgetError(size, max_bytes)
         stored = self.store.save(name, arrays, meta)
         with self._lock:
             self._items = {**self._items, name: obj}

@@ -97,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A backstop only: the drain aborts what is left at shutdown_grace_s, which ends
         # every stream cleanly; uvicorn would cut connections at this timeout.
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 5,
+        # Beyond this many open connections uvicorn answers 503 at once instead of
+        # letting idle sockets pile up until the process runs out of descriptors.
+        limit_concurrency=settings.max_connections,
     )
     server = make_server(config, app.state.steer)
     for sig in (signal.SIGTERM, signal.SIGINT):

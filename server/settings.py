@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
@@ -93,6 +93,36 @@ class Settings(BaseSettings):
         600.0, gt=0, description="Per-request wall-clock budget from submission; a request "
         "that exceeds it ends with finish_reason 'timeout' and frees its slot. None = none.",
     )
+    max_stop_chars: int = Field(
+        256, ge=1, le=65536, description="Longest accepted stop string (characters); "
+        "longer is a 400 naming 'stop'.",
+    )
+    max_connections: int | None = Field(
+        1024, ge=1, description="Concurrent HTTP connections uvicorn accepts "
+        "(limit_concurrency); beyond it new requests get 503. None = no limit.",
+    )
+    max_concurrent_builds: int = Field(
+        2, ge=1, description="Prior/control-vector builds (POST /v1/priors, "
+        "/v1/control-vectors, PUT .../gguf) running at once; more get 429 + Retry-After.",
+    )
+    build_timeout_s: float = Field(
+        300.0, gt=0, description="Wall-clock limit of one artifact build; past it the "
+        "build is abandoned (408) and nothing is stored.",
+    )
+    max_artifact_bytes: int = Field(
+        1 << 30, ge=0, description="Memory budget of all loaded artifacts (priors and "
+        "control vectors, by stored size); a build that would exceed it gets 507.",
+    )
+    max_extraction_chars: int = Field(
+        4 * 1024 * 1024, ge=1, description="Total characters of the texts a control-vector "
+        "extraction may build (computed from template/words/suffixes before building); "
+        "more is a 413.",
+    )
+    artifact_tmp_grace_s: float = Field(
+        300.0, ge=0, description="Scans remove a leftover temporary artifact file only when "
+        "no process holds its name's lock and it is older than this (a second guard for "
+        "volumes whose file locks are unreliable).",
+    )
     shutdown_grace_s: float = Field(
         20.0, ge=0, description="On SIGTERM: how long in-flight requests may run on before "
         "they are aborted (new requests get 503 meanwhile).",
@@ -115,6 +145,16 @@ class Settings(BaseSettings):
         default_factory=list, description="Auxiliary models for fusion (STEER_AUX_MODELS: a "
         'JSON list of {"name", "role", "source"[, "template", "chat_template"]}).',
     )
+
+    @field_validator("api_key")
+    @classmethod
+    def _some_key(cls, value: str | None) -> str | None:
+        """A key setting with no key in it (``","``, ``" , "``) is a mistake, not 'auth
+        off': refuse to start rather than serve without authentication."""
+        if value and not _split(value):
+            raise ValueError("api_key holds no key (only commas/spaces); unset it to turn "
+                             "authentication off")
+        return value
 
     @property
     def api_keys(self) -> tuple[str, ...]:

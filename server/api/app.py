@@ -103,18 +103,45 @@ class DefaultJSONContentType:
 
 MAX_JSON_DEPTH = 64  # the deepest legitimate body (sweep → steering → bias) is ~6
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# The smallest integer float() cannot represent: 2**1024 (float max is just below it).
+# A JSON integer at or beyond it in a free-form field would raise OverflowError the
+# moment anything calls float() on it; no legitimate field needs one.
+_FLOAT_OVERFLOW = 2**1024
+_MAX_INT_DIGITS = 400  # beyond float range already; also far below int()'s 4300-digit cap
+
+
+class _HugeInt:
+    """A JSON integer too long to convert (its digit count), flagged by the walk."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+
+def _parse_int(text: str) -> int | _HugeInt:
+    digits = len(text.lstrip("-"))
+    return _HugeInt(digits) if digits > _MAX_INT_DIGITS else int(text)
+
+
+def is_json_media_type(ctype: bytes) -> bool:
+    """``application/json`` or any ``application/*+json`` (RFC 6839), parameters ignored:
+    FastAPI parses all of them as JSON, so all of them go through the same guard."""
+    media = ctype.split(b";")[0].strip().lower()
+    return media == b"application/json" or (
+        media.startswith(b"application/") and media.endswith(b"+json")
+    )
 
 
 def json_body_problem(body: bytes) -> APIError | None:
     """Why a JSON body must be refused before FastAPI parses it, or None.
 
     JSON may spell lone UTF-16 surrogates (``"\\ud800"``), which no tokenizer or UTF-8
-    response can carry, and may nest deeper than the parsers' recursion limits; both
-    are a 400 here instead of a ``TypeError``/``RecursionError`` deep inside. Syntax
-    errors are left to FastAPI's own message.
+    response can carry, may nest deeper than the parsers' recursion limits, and may
+    write integers no float can hold (``1`` followed by 400 zeros); all three are a 400
+    naming the field here instead of a ``TypeError``/``RecursionError``/``OverflowError``
+    deep inside. Syntax errors are left to FastAPI's own message.
     """
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, parse_int=_parse_int)
     except RecursionError:
         return APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels",
                         param="body")
@@ -134,6 +161,13 @@ def json_body_problem(body: bytes) -> APIError | None:
                 return APIError(400, "strings must be valid Unicode: a lone UTF-16 surrogate "
                                 "(\\ud800-\\udfff) is not a character", param=".".join(path)
                                 or "body")
+        elif isinstance(node, _HugeInt) or (
+            isinstance(node, int) and not -_FLOAT_OVERFLOW < node < _FLOAT_OVERFLOW
+        ):
+            digits = node.digits if isinstance(node, _HugeInt) else len(str(abs(node)))
+            return APIError(400, "numbers must be within the float range (about ±1.8e308); "
+                            f"got an integer of {digits} digits",
+                            param=".".join(path) or "body")
         elif isinstance(node, dict):
             for key, value in node.items():
                 if _SURROGATE.search(key):
@@ -147,7 +181,8 @@ def json_body_problem(body: bytes) -> APIError | None:
 
 
 class JSONBodyGuard:
-    """Refuse JSON bodies with lone surrogates, invalid UTF-8 or absurd nesting (400).
+    """Refuse JSON bodies with lone surrogates, invalid UTF-8, absurd nesting or integers
+    beyond float range (400), for every JSON media type (:func:`is_json_media_type`).
 
     Runs inside :class:`BodySizeLimit` (so the buffered body is bounded) and after
     :class:`DefaultJSONContentType`; the body is replayed to the app unchanged, and
@@ -166,7 +201,7 @@ class JSONBodyGuard:
             await self.app(scope, receive, send)
             return
         ctype = next((v for k, v in scope.get("headers", []) if k == b"content-type"), b"")
-        if ctype.split(b";")[0].strip().lower() != b"application/json":
+        if not is_json_media_type(ctype):
             await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []

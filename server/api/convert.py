@@ -7,6 +7,7 @@ failures are :class:`APIError`/``ParamError`` naming the parameter.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -20,6 +21,46 @@ from server.chat import chat_template_ids
 from server.engine.types import DiagnosticsMode, GenerationRequest, SamplingParams
 from server.loading import ModelBundle
 from server.settings import Settings
+
+_LONGEST_TOKEN: dict[int, tuple[Any, int]] = {}  # id(tokenizer) -> (tokenizer, chars)
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of ``tokenizer`` can stand for: the longest
+    vocabulary entry (byte-level BPE spells each byte as one character, SentencePiece
+    each character as itself, so an entry's length bounds the text it covers). Computed
+    once per tokenizer (~20 ms for a 49k vocabulary)."""
+    hit = _LONGEST_TOKEN.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    longest = max((len(k) for k in tokenizer.get_vocab()), default=1)
+    _LONGEST_TOKEN[id(tokenizer)] = (tokenizer, max(1, longest))
+    return max(1, longest)
+
+
+def check_prompt_chars(req: GenerateRequest, bundle: ModelBundle, max_prompt: int) -> None:
+    """Refuse a text prompt that cannot fit before tokenizing it (400 naming it).
+
+    A prompt of ``C`` characters is at least ``C / longest_token_chars`` tokens, so when
+    that already reaches ``max_prompt`` the answer is known without running the
+    tokenizer (which takes seconds for megabytes). Prompts under the bound are
+    tokenized and checked exactly by :func:`to_generation_request`.
+    """
+    if isinstance(req.prompt, str):
+        chars, param = len(req.prompt), "prompt"
+    elif req.messages is not None:
+        chars, param = sum(len(m.content) for m in req.messages), "messages"
+    else:
+        return
+    longest = longest_token_chars(bundle.tokenizer)
+    at_least = chars // longest
+    if at_least >= max_prompt:
+        raise APIError(
+            400,
+            f"the prompt has {chars} characters, so at least {at_least} tokens (no token "
+            f"covers more than {longest}); the limit is {max_prompt - 1} tokens",
+            param=param,
+        )
 
 
 def tokenize_prompt(req: GenerateRequest, bundle: ModelBundle) -> list[int]:
@@ -68,6 +109,14 @@ def _stop_list(req: GenerateRequest, settings: Settings) -> tuple[str, ...]:
         )
     if any(not s for s in stops):
         raise APIError(400, "stop sequences must not be empty strings", param="stop")
+    longest = max(len(s) for s in stops)
+    if longest > settings.max_stop_chars:
+        raise APIError(
+            400,
+            f"stop sequences must be at most {settings.max_stop_chars} characters "
+            f"(max_stop_chars), got one of {longest}",
+            param="stop",
+        )
     return tuple(stops)
 
 
@@ -78,11 +127,26 @@ def to_generation_request(
     env: ProcessorEnv,
     *,
     request_id: str | None = None,
+    prompt_cache: dict[str, list[int]] | None = None,
 ) -> GenerationRequest:
-    """Validate ``req`` against the model and limits; build the engine request."""
-    prompt_ids = tokenize_prompt(req, bundle)
-    prompt_param = "messages" if req.messages is not None else "prompt"
+    """Validate ``req`` against the model and limits; build the engine request.
+
+    The checks that need no tokenizer run first, so an oversized prompt or stop list is
+    refused before any tokenizing work is done. ``prompt_cache`` (a sweep's points
+    mostly share one prompt) maps a prompt's JSON to its ids, so each distinct prompt
+    is tokenized once."""
+    stops = _stop_list(req, settings)
     max_prompt = min(settings.max_prompt_tokens or bundle.context_length, bundle.context_length)
+    check_prompt_chars(req, bundle, max_prompt)
+    if prompt_cache is None:
+        prompt_ids = tokenize_prompt(req, bundle)
+    else:
+        key = json.dumps([req.prompt, None if req.messages is None
+                          else [m.model_dump() for m in req.messages]])
+        if key not in prompt_cache:
+            prompt_cache[key] = tokenize_prompt(req, bundle)
+        prompt_ids = prompt_cache[key]
+    prompt_param = "messages" if req.messages is not None else "prompt"
     if len(prompt_ids) >= max_prompt:
         raise APIError(
             400,
@@ -130,7 +194,7 @@ def to_generation_request(
         presence_penalty=float(req.presence_penalty),
         frequency_penalty=float(req.frequency_penalty),
         seed=req.seed,
-        stop=_stop_list(req, settings),
+        stop=stops,
         stop_token_ids=stop_ids,
         ignore_eos=req.ignore_eos,
         min_tokens=req.min_tokens,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -36,6 +37,23 @@ ERROR_TYPES: dict[int, str] = {
     503: "service_unavailable",
     507: "insufficient_storage",
 }
+
+
+# Error messages echo client values (a bad key, a bad string); a client must not be able
+# to make the server write megabytes back, or forge lines in a log that records them.
+MAX_MESSAGE_CHARS = 1000
+MAX_PARAM_CHARS = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``) and at most ``limit``
+    characters (the middle elided): safe to log or echo, however hostile the input."""
+    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    if len(text) > limit:
+        keep = limit - 5
+        text = f"{text[: keep // 2 + keep % 2]} ... {text[len(text) - keep // 2:]}"
+    return text
 
 
 class ErrorBody(BaseModel):
@@ -71,10 +89,11 @@ class APIError(Exception):
         headers: dict[str, str] | None = None,
         type: str | None = None,
     ) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.status = status
         self.message = message
-        self.param = param
+        self.param = None if param is None else clip(param, MAX_PARAM_CHARS)
         self.code = code if code is not None else status
         self.headers = headers or {}
         self.type = type or ERROR_TYPES.get(status, "server_error")

@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from processors.base import ProcessorEnv
 from server.api.convert import to_generation_request
 from server.api.disconnect import cancel_on_disconnect
-from server.api.errors import APIError, validation_error
+from server.api.errors import APIError, clip, validation_error
 from server.api.openai_protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -91,7 +91,10 @@ def _note_ignored(body: CompletionRequest | ChatCompletionRequest, endpoint: str
     """Log the OpenAI fields we accept but do not implement (as vLLM does)."""
     ignored = _ignored_fields(body)
     if ignored:
-        log.info("%s: ignoring unsupported fields %s", endpoint, ", ".join(ignored))
+        # Field names are the client's text: escaped and clipped so none forges a log line.
+        shown = ", ".join(clip(k, 64) for k in ignored[:20])
+        more = f" (+{len(ignored) - 20} more)" if len(ignored) > 20 else ""
+        log.info("%s: ignoring unsupported fields %s%s", endpoint, shown, more)
 
 
 def _common(

@@ -4,20 +4,21 @@
 strings = several) or a named ``corpus`` (see ``server.corpora``) with the serving
 model's tokenizer, counts 1/2/3-grams and stores the prior as an artifact
 (``server.artifacts``) under ``<data_dir>/priors``. Building runs on a worker thread
-and logs its progress on ``steerserve.priors``.
+within the build limits (``server.api.artifact_http.run_build``: bounded in number and
+time, abandoned when the client leaves) and logs its progress on ``steerserve.priors``.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from processors.base import ParamError, check_number
 from processors.ngram import NgramPrior, check_weights
@@ -28,16 +29,24 @@ from processors.ngram_tables import (
     ESTIMATORS,
     MIN_ADD_K,
 )
+from server.api.artifact_http import (
+    bad,
+    check_artifact_name,
+    check_budget_room,
+    check_cancelled,
+    delete_artifact,
+    list_artifacts,
+    record_fields,
+    run_build,
+    store_artifact,
+)
+from server.api.artifact_http import (
+    registry as artifact_registry,
+)
 from server.api.errors import APIError, artifact_or_404, error_responses
 from server.api.protocol import StrictFloat, StrictInt, StrictStr
 from server.api.state import ServerState, StateDep
-from server.artifacts import (
-    ArtifactExistsError,
-    ArtifactNotFoundError,
-    ArtifactRegistry,
-    InvalidNameError,
-    check_name,
-)
+from server.artifacts import ArtifactExistsError, ArtifactRegistry
 from server.corpora import (
     CorpusTooLargeError,
     CorpusUnavailableError,
@@ -51,7 +60,7 @@ from server.corpora import (
 log = logging.getLogger("steerserve.priors")
 router = APIRouter()
 
-_ERRORS = error_responses(400, 404, 409, 413, 503, 507)  # POST (507: disk full)
+_ERRORS = error_responses(400, 404, 409, 413, 429, 503, 507)  # POST (507: disk/budget)
 _READ_ERRORS = error_responses(404, 503)
 _TOKENIZE_BATCH = 256  # documents per tokenizer call (progress granularity)
 
@@ -94,10 +103,7 @@ class CorpusCard(BaseModel):
 
 def registry(state: ServerState) -> ArtifactRegistry[NgramPrior]:
     """The loaded priors (attached with the model), or 503 while loading."""
-    reg = state.resources.get("priors")
-    if reg is None:
-        raise APIError(503, "the server is still loading", headers={"Retry-After": "1"})
-    return reg
+    return artifact_registry(state, "priors")
 
 
 def prior_card(
@@ -120,24 +126,16 @@ def prior_card(
     for key in ("corpus", "counts", "params", "build_seconds"):
         if key in info:
             card[key] = info.pop(key)
-    try:
-        rec = reg.record(prior.name)
-        card.update(created_at=rec.created_at, file_bytes=rec.bytes, sha256=rec.sha256)
-    except KeyError:
-        pass
+    card.update(record_fields(reg, prior.name))
     return card
 
 
-def _bad(param: str, message: str, status: int = 400) -> APIError:
-    return APIError(status, message, param=param)
+_bad = bad
 
 
 def _check_body(body: PriorCreate) -> dict[str, Any]:
     """Meaning checks of the body beyond its shape; returns the build parameters."""
-    try:
-        check_name(body.name)
-    except InvalidNameError as err:
-        raise _bad("name", str(err)) from None
+    check_artifact_name(body.name)
     if (body.text is None) == (body.corpus is None):
         raise _bad("text", "give exactly one of 'text' or 'corpus'")
     if body.max_documents is not None and body.corpus is None:
@@ -207,12 +205,16 @@ def _documents(body: PriorCreate, max_bytes: int) -> tuple[list[str], dict[str, 
     return docs, source
 
 
-def tokenize_documents(tokenizer: Any, docs: Sequence[str], name: str) -> list[list[int]]:
-    """Token ids of each document (no special tokens), logging progress."""
+def tokenize_documents(
+    tokenizer: Any, docs: Sequence[str], name: str, cancel: threading.Event | None = None
+) -> list[list[int]]:
+    """Token ids of each document (no special tokens), logging progress; stops between
+    batches once ``cancel`` is set (:class:`BuildCancelled`)."""
     out: list[list[int]] = []
     t0 = last = time.perf_counter()
     total = 0
     for i in range(0, len(docs), _TOKENIZE_BATCH):
+        check_cancelled(cancel)
         batch = list(docs[i : i + _TOKENIZE_BATCH])
         enc = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)
         ids = enc["input_ids"]
@@ -233,11 +235,18 @@ def tokenize_documents(tokenizer: Any, docs: Sequence[str], name: str) -> list[l
 
 
 def build_prior(
-    body: PriorCreate, params: dict[str, Any], tokenizer: Any, fingerprint: str, max_bytes: int
+    body: PriorCreate,
+    params: dict[str, Any],
+    tokenizer: Any,
+    fingerprint: str,
+    max_bytes: int,
+    cancel: threading.Event | None = None,
 ) -> NgramPrior:
-    """Read, tokenize and count the corpus; returns the prior (not yet stored)."""
+    """Read, tokenize and count the corpus; returns the prior (not yet stored). Checks
+    ``cancel`` between stages and tokenizer batches (an abandoned build stops there)."""
     t0 = time.perf_counter()
     docs, source = _documents(body, max_bytes)
+    check_cancelled(cancel)
     log.info(
         "prior '%s': building %s from %s (%d documents, %s bytes)",
         body.name,
@@ -246,11 +255,17 @@ def build_prior(
         source["documents"],
         f"{source['bytes']:,}",
     )
-    ids = tokenize_documents(tokenizer, docs, body.name)
+    ids = tokenize_documents(tokenizer, docs, body.name, cancel)
+    check_cancelled(cancel)
     source["tokens"] = sum(len(x) for x in ids)
     if source["tokens"] == 0:
         raise _bad(body.corpus and "corpus" or "text", "the corpus produced no tokens")
     vocab = len(tokenizer)
+
+    def progress(msg: str) -> None:
+        check_cancelled(cancel)  # counting reports between its stages: stop there
+        log.info("prior '%s': %s", body.name, msg)
+
     prior = NgramPrior.build(
         body.name,
         ids,
@@ -261,29 +276,30 @@ def build_prior(
         discount=params.get("discount", DEFAULT_DISCOUNT),
         tokenizer_fingerprint=fingerprint,
         info={"corpus": source},
-        progress=lambda msg: log.info("prior '%s': %s", body.name, msg),
+        progress=progress,
     )
+    check_cancelled(cancel)
     prior.info["build_seconds"] = round(time.perf_counter() - t0, 3)
     return prior
 
 
 @router.post("/v1/priors", status_code=201, responses=_ERRORS)
-async def create_prior(body: PriorCreate, state: StateDep) -> JSONResponse:
+async def create_prior(body: PriorCreate, request: Request, state: StateDep) -> JSONResponse:
     """Build an n-gram style prior from uploaded text or a named corpus (201)."""
     bundle, _, env = state.ready()
     reg = registry(state)
     params = _check_body(body)
     try:
-        with reg.reserve(body.name):
-            prior = await run_in_threadpool(
-                build_prior,
-                body,
-                params,
-                bundle.tokenizer,
-                env.tokenizer_fingerprint,
-                state.settings.max_corpus_bytes,
+        with reg.reserve(body.name):  # 409 before any work, across replicas too
+            check_budget_room(state)
+            prior = await run_build(
+                state, request, f"prior '{body.name}'",
+                lambda cancel: build_prior(
+                    body, params, bundle.tokenizer, env.tokenizer_fingerprint,
+                    state.settings.max_corpus_bytes, cancel,
+                ),
             )
-            stored = await run_in_threadpool(reg.add, body.name, prior)
+            stored = await store_artifact(state, reg, body.name, prior)
     except ArtifactExistsError as err:
         raise _bad("name", str(err), 409) from None
     log.info(
@@ -300,13 +316,8 @@ async def create_prior(body: PriorCreate, state: StateDep) -> JSONResponse:
 async def list_priors(state: StateDep) -> dict[str, Any]:
     """Every loaded prior, and the artifacts skipped as corrupt (name and reason)."""
     reg = registry(state)
-    await run_in_threadpool(reg.refresh)  # replicas sharing the volume may have added some
     fp = state.env.tokenizer_fingerprint if state.env else ""
-    return {
-        "object": "list",
-        "data": [prior_card(reg, reg[name], fp) for name in reg],
-        "skipped": [{"name": k, "reason": v} for k, v in sorted(reg.corrupt.items())],
-    }
+    return await list_artifacts(reg, lambda prior: prior_card(reg, prior, fp))
 
 
 @router.get("/v1/priors/{name}", responses=_READ_ERRORS)
@@ -321,13 +332,7 @@ async def get_prior(name: str, state: StateDep) -> dict[str, Any]:
 @router.delete("/v1/priors/{name}", responses=_READ_ERRORS)
 async def delete_prior(name: str, state: StateDep) -> dict[str, Any]:
     """Delete a prior (also one skipped as corrupt). Running requests keep theirs."""
-    reg = registry(state)
-    try:
-        check_name(name)
-        await run_in_threadpool(reg.remove, name)
-    except (InvalidNameError, ArtifactNotFoundError):
-        raise _bad("name", f"unknown prior '{name}'", 404) from None
-    return {"name": name, "object": "prior", "deleted": True}
+    return await delete_artifact(registry(state), name, "prior", "prior")
 
 
 @router.get("/v1/corpora")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import PurePath
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -148,6 +149,15 @@ async def _stream_frames(
         stream.cancel()
 
 
+def public_source(source: str) -> str:
+    """What ``/v1/models`` says about where a model came from: ``embedded:``/``random:``
+    sources as they are, a filesystem path only by its last component (the layout of
+    the server's disks is not the client's business)."""
+    if source.startswith(("embedded:", "random:")):
+        return source
+    return PurePath(source.rstrip("/\\")).name or "local"
+
+
 def stream_frame(event: StreamEvent) -> bytes:
     """One ``StreamEvent`` as an SSE frame: ``finish_reason`` is always present (``null``
     until the last frame); the optional extras only when set."""
@@ -162,7 +172,7 @@ async def list_models(state: StateDep) -> ModelList:
     card = ModelCard(
         id=bundle.name,
         role="main",
-        source=bundle.source,
+        source=public_source(bundle.source),
         vocab_size=bundle.vocab_size,
         context_length=bundle.context_length,
         tokenizer_fingerprint=env.tokenizer_fingerprint,
@@ -174,7 +184,7 @@ async def list_models(state: StateDep) -> ModelList:
         ModelCard(
             id=a.name,
             role=a.role,
-            source=a.bundle.source,
+            source=public_source(a.bundle.source),
             vocab_size=a.bundle.vocab_size,
             context_length=a.bundle.context_length,
             tokenizer_fingerprint=a.fingerprint,

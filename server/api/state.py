@@ -48,6 +48,7 @@ class ServerState:
     metrics: Any = None  # server.api.metrics.ServerMetrics (also the engine's observer)
     _drain_timer: threading.Timer | None = None
     aux: list[AuxBundle] = field(default_factory=list)  # fusion's auxiliary models
+    builds: Any = None  # server.api.artifact_http.BuildSlots (made on first build)
 
     def attach(self, bundle: ModelBundle, aux: list[AuxBundle] | None = None) -> None:
         """Start the engine over a loaded model and mark the server ready.
@@ -70,6 +71,7 @@ class ServerState:
                 "prior",
                 NgramPrior.from_artifact,
                 NgramPrior.to_artifact,
+                tmp_grace_s=s.artifact_tmp_grace_s,
             )
         if RESOURCE not in self.resources:
             self.resources[RESOURCE] = ArtifactRegistry.open(
@@ -77,6 +79,7 @@ class ServerState:
                 "control_vector",
                 ControlVector.from_artifact,
                 ControlVector.to_artifact,
+                tmp_grace_s=s.artifact_tmp_grace_s,
             )
         cfg = bundle.model.config
         self.resources[GEOMETRY] = {

@@ -114,10 +114,12 @@ async def sweep(body: SweepRequest, request: Request, state: StateDep) -> JSONRe
 
     def convert() -> list[Any]:
         out = []
+        prompts: dict[str, list[int]] = {}  # points share their prompt: tokenize it once
         for i, (params, wire) in enumerate(points):
             try:
                 out.append(to_generation_request(
-                    wire, bundle, state.settings, env, request_id=f"{sweep_id}-{i}"))
+                    wire, bundle, state.settings, env, request_id=f"{sweep_id}-{i}",
+                    prompt_cache=prompts))
             except APIError as err:
                 where = ", ".join(f"{k}={v!r}" for k, v in params.items())
                 raise APIError(err.status, f"at grid point {where}: {err.message}",

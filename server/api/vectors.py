@@ -11,11 +11,19 @@ repeng writes and llama.cpp reads; ``GET .../{name}/gguf`` exports one
 (``processors.control_gguf``: ``direction.N`` ↔ block ``N``, 0-based). Vectors are stored
 as artifacts (``server.artifacts``) under ``<data_dir>/control-vectors``, with the same
 rules as priors: atomic, checksummed, corrupt files reported and skipped.
+
+Limits come before work: the name is reserved first (409), the size of every text an
+extraction would build is computed from its parts (template, words, suffixes, chat
+wrapper) and refused with 413 before any string is built or tokenized, and a GGUF upload
+is bounded by what the serving model's geometry needs and its header is scanned before
+it is parsed. Builds run within ``server.api.artifact_http.run_build``'s limits.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import threading
 import time
 from typing import Any
 
@@ -35,17 +43,29 @@ from processors.control import (
     expand_template,
     fit_layers,
 )
-from processors.control_gguf import GGUFFormatError, read_control_gguf, write_control_gguf
+from processors.control_gguf import (
+    GGUFFormatError,
+    max_control_gguf_bytes,
+    read_control_gguf,
+    write_control_gguf,
+)
+from server.api.artifact_http import (
+    bad,
+    check_artifact_name,
+    check_budget_room,
+    check_cancelled,
+    delete_artifact,
+    list_artifacts,
+    record_fields,
+    run_build,
+    store_artifact,
+)
+from server.api.artifact_http import registry as artifact_registry
+from server.api.convert import longest_token_chars
 from server.api.errors import APIError, artifact_or_404, error_responses
 from server.api.protocol import StrictBool, StrictStr
 from server.api.state import ServerState, StateDep
-from server.artifacts import (
-    ArtifactExistsError,
-    ArtifactNotFoundError,
-    ArtifactRegistry,
-    InvalidNameError,
-    check_name,
-)
+from server.artifacts import ArtifactExistsError, ArtifactRegistry
 from server.engine.hooks import ControlHooks
 from server.engine.padding import attention_mask_4d, left_pad, model_takes_4d_mask
 
@@ -55,7 +75,8 @@ router = APIRouter()
 MAX_PAIRS = 1024  # pairs per extraction (texts run = 2 × pairs); more is a 413
 MAX_TEXT_TOKENS = 512  # tokens per pair text
 EXTRACT_BATCH = 16  # texts per forward
-_ERRORS = error_responses(400, 409, 413, 503, 507)  # POST/PUT (507: disk full)
+_ERRORS = error_responses(400, 409, 413, 429, 503, 507)  # POST/PUT (507: disk/budget)
+_INLINE = re.compile(r"\{([^{}|]*)\|([^{}|]*)\}")  # expand_template's '{pos|neg}' form
 _READ_ERRORS = error_responses(404, 503)
 _GGUF_BODY = {
     "requestBody": {
@@ -106,10 +127,7 @@ class VectorCreate(BaseModel):
 
 def registry(state: ServerState) -> ArtifactRegistry[ControlVector]:
     """The loaded control vectors (attached with the model), or 503 while loading."""
-    reg = state.resources.get(RESOURCE)
-    if reg is None:
-        raise APIError(503, "the server is still loading", headers={"Retry-After": "1"})
-    return reg
+    return artifact_registry(state, RESOURCE)
 
 
 def _geometry(state: ServerState) -> tuple[int, int]:
@@ -137,35 +155,95 @@ def vector_card(
     for key in ("source", "method", "pairs", "separation", "best_layers", "build_seconds"):
         if key in info:
             card[key] = info[key]
-    try:
-        rec = reg.record(vec.name)
-        card.update(created_at=rec.created_at, file_bytes=rec.bytes, sha256=rec.sha256)
-    except KeyError:
-        pass
+    card.update(record_fields(reg, vec.name))
     return card
 
 
-def _bad(param: str, message: str, status: int = 400) -> APIError:
-    return APIError(status, message, param=param)
+_bad = bad
 
 
-def _check_name(name: str) -> None:
-    try:
-        check_name(name)
-    except InvalidNameError as err:
-        raise _bad("name", str(err)) from None
-
-
-def _texts(body: VectorCreate, tokenizer: Any) -> list[tuple[str, str]]:
-    """The (positive, negative) texts the body describes, chat-wrapped if asked."""
+def _base_lengths(body: VectorCreate) -> list[tuple[int, int]]:
+    """``(len(positive), len(negative))`` of every base pair the body describes, from
+    the parts alone (nothing is built); the checks ``expand_template`` would make."""
     if (body.pairs is None) == (body.template is None):
         raise _bad("pairs", "give exactly one of 'pairs' or 'template'")
     if body.pairs is not None:
         if body.positive_words or body.negative_words:
             raise _bad("positive_words", "'positive_words'/'negative_words' go with 'template'")
-        base = [(p.positive, p.negative) for p in body.pairs]
-        if not base:
+        if not body.pairs:
             raise _bad("pairs", "'pairs' must not be empty")
+        return [(len(p.positive), len(p.negative)) for p in body.pairs]
+    assert body.template is not None
+    template, pos, neg = body.template, body.positive_words, body.negative_words
+    if not pos and not neg:
+        m = _INLINE.search(template)
+        if m is None:
+            raise _bad("template", "the template needs '{}' with word lists, or "
+                       "'{positive|negative}'")
+        rest = len(template) - len(m.group(0))
+        if template[: m.start()].count("{}") + template[m.end():].count("{}") != 0:
+            raise _bad("template", "the template must contain exactly one '{}' placeholder")
+        return [(rest + len(m.group(1)), rest + len(m.group(2)))]
+    if len(pos) != len(neg):
+        raise _bad("template", f"positive_words and negative_words must have one length, "
+                   f"got {len(pos)} and {len(neg)}")
+    if template.count("{}") != 1:
+        raise _bad("template", "the template must contain exactly one '{}' placeholder")
+    rest = len(template) - 2
+    return [(rest + len(p), rest + len(q)) for p, q in zip(pos, neg, strict=True)]
+
+
+def check_extraction_size(
+    body: VectorCreate, tokenizer: Any, max_chars: int
+) -> None:
+    """Refuse an extraction that is too big from arithmetic alone (413), before any
+    text is built or tokenized: at most ``MAX_PAIRS`` pairs × suffixes, at most
+    ``max_chars`` characters over all texts, and no text so long that it must exceed
+    ``MAX_TEXT_TOKENS`` tokens (no token covers more than the vocabulary's longest
+    entry). The chat wrapper's length is measured once on an empty message."""
+    base = _base_lengths(body)
+    suffixes = body.suffixes if body.suffixes is not None else [""]
+    if not suffixes:
+        raise _bad("suffixes", "'suffixes' must not be empty (omit it for none)")
+    n = len(base) * len(suffixes)
+    if n > MAX_PAIRS:
+        raise _bad("pairs", f"{n} pairs requested; the limit is {MAX_PAIRS}", 413)
+    overhead = len(_wrapper(body, tokenizer)("")) if body.chat else 0
+    suffix_chars = sum(len(x) for x in suffixes)
+    total = len(suffixes) * sum(p + q + 2 * overhead for p, q in base) + 2 * len(base) * (
+        suffix_chars
+    )
+    if total > max_chars:
+        raise _bad("pairs", f"the extraction would build {total} characters of text; the "
+                   f"limit (max_extraction_chars) is {max_chars}", 413)
+    longest = overhead + max(max(p, q) for p, q in base) + max(len(x) for x in suffixes)
+    cap = MAX_TEXT_TOKENS * longest_token_chars(tokenizer)
+    if longest > cap:
+        raise _bad("pairs", f"a pair text would have {longest} characters, more than "
+                   f"{MAX_TEXT_TOKENS} tokens can hold ({cap}); the limit is "
+                   f"{MAX_TEXT_TOKENS} tokens per text", 413)
+
+
+def _wrapper(body: VectorCreate, tokenizer: Any) -> Any:
+    """The function that chat-wraps one text (identity without ``chat``)."""
+    if not body.chat:
+        return lambda text: text
+    if not getattr(tokenizer, "chat_template", None):
+        raise _bad("chat", "this model has no chat template; send 'chat': false")
+
+    def wrap(text: str) -> str:
+        return str(tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        ))
+
+    return wrap
+
+
+def _texts(body: VectorCreate, tokenizer: Any) -> list[tuple[str, str]]:
+    """The (positive, negative) texts the body describes, chat-wrapped if asked
+    (call :func:`check_extraction_size` first: this builds them)."""
+    if body.pairs is not None:
+        base = [(p.positive, p.negative) for p in body.pairs]
     else:
         assert body.template is not None
         try:
@@ -175,24 +253,7 @@ def _texts(body: VectorCreate, tokenizer: Any) -> list[tuple[str, str]]:
         if not base:
             raise _bad("positive_words", "the word lists must not be empty")
     suffixes = body.suffixes if body.suffixes is not None else [""]
-    if not suffixes:
-        raise _bad("suffixes", "'suffixes' must not be empty (omit it for none)")
-    n = len(base) * len(suffixes)
-    if n > MAX_PAIRS:
-        raise _bad("pairs", f"{n} pairs requested; the limit is {MAX_PAIRS}", 413)
-    if body.chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise _bad("chat", "this model has no chat template; send 'chat': false")
-
-        def wrap(text: str) -> str:
-            return str(tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-            ))
-    else:
-
-        def wrap(text: str) -> str:
-            return text
-
+    wrap = _wrapper(body, tokenizer)
     return [(wrap(p) + s, wrap(q) + s) for s in suffixes for p, q in base]
 
 
@@ -212,7 +273,11 @@ def _encode(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
 
 @torch.inference_mode()
 def last_token_states(
-    model: Any, prompts: list[list[int]], layers: list[int], batch_size: int = EXTRACT_BATCH
+    model: Any,
+    prompts: list[list[int]],
+    layers: list[int],
+    batch_size: int = EXTRACT_BATCH,
+    cancel: threading.Event | None = None,
 ) -> dict[int, torch.Tensor]:
     """Each block's output at the last token of every prompt: layer → ``(N, D)`` float32.
 
@@ -227,6 +292,7 @@ def last_token_states(
         dtype = torch.float32
     out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for start in range(0, len(prompts), batch_size):
+        check_cancelled(cancel)  # an abandoned extraction stops between forwards
         padded = left_pad(prompts[start : start + batch_size], device)
         # Always the 4-D mask (no cache here, so a None mask would make transformers
         # inspect the position ids on the host); no query row is fully masked.
@@ -242,16 +308,22 @@ def last_token_states(
 
 
 def extract_vector(
-    body: VectorCreate, layers: list[int], model: Any, tokenizer: Any
+    body: VectorCreate,
+    layers: list[int],
+    model: Any,
+    tokenizer: Any,
+    cancel: threading.Event | None = None,
 ) -> ControlVector:
-    """Tokenize the pairs, run them, fit one direction per layer (not yet stored)."""
+    """Tokenize the pairs, run them, fit one direction per layer (not yet stored).
+    Stops at the next stage once ``cancel`` is set."""
     t0 = time.perf_counter()
     pairs = _texts(body, tokenizer)
     flat = [t for pair in pairs for t in pair]  # positive, negative, positive, ...
+    check_cancelled(cancel)
     ids = _encode(tokenizer, flat, body.chat)
     log.info("control vector '%s': %d pairs, %d layers, %s", body.name, len(pairs), len(layers),
              body.method)
-    states = last_token_states(model, ids, layers)
+    states = last_token_states(model, ids, layers, cancel=cancel)
     pos = {k: v[0::2] for k, v in states.items()}
     neg = {k: v[1::2] for k, v in states.items()}
     fits = fit_layers(pos, neg, body.method)
@@ -284,21 +356,26 @@ def _layers(body: VectorCreate, num_layers: int) -> list[int]:
 
 
 @router.post("/v1/control-vectors", status_code=201, responses=_ERRORS)
-async def create_vector(body: VectorCreate, state: StateDep) -> JSONResponse:
+async def create_vector(body: VectorCreate, request: Request, state: StateDep) -> JSONResponse:
     """Extract a control vector from contrastive pairs (201, with per-layer separation)."""
     bundle, _, _ = state.ready()
     reg = registry(state)
     geometry = _geometry(state)
-    _check_name(body.name)
+    check_artifact_name(body.name)
     if body.method not in METHODS:
         raise _bad("method", f"'method' must be one of {', '.join(METHODS)}, got {body.method!r}")
     layers = _layers(body, geometry[0])
     try:
-        with reg.reserve(body.name):
-            vec = await run_in_threadpool(
-                extract_vector, body, layers, bundle.model, bundle.tokenizer
+        with reg.reserve(body.name):  # 409 before any work, across replicas too
+            check_extraction_size(body, bundle.tokenizer, state.settings.max_extraction_chars)
+            check_budget_room(state)
+            vec = await run_build(
+                state, request, f"control vector '{body.name}'",
+                lambda cancel: extract_vector(
+                    body, layers, bundle.model, bundle.tokenizer, cancel
+                ),
             )
-            stored = await run_in_threadpool(reg.add, body.name, vec)
+            stored = await store_artifact(state, reg, body.name, vec)
     except ArtifactExistsError as err:
         raise _bad("name", str(err), 409) from None
     log.info("control vector '%s': stored (%d bytes) after %.2f s", body.name, stored.bytes,
@@ -309,27 +386,55 @@ async def create_vector(body: VectorCreate, state: StateDep) -> JSONResponse:
 @router.put("/v1/control-vectors/{name}/gguf", status_code=201, responses=_ERRORS,
             openapi_extra=_GGUF_BODY)
 async def import_gguf(name: str, request: Request, state: StateDep) -> JSONResponse:
-    """Import a control-vector GGUF file sent as the raw body (201)."""
+    """Import a control-vector GGUF file sent as the raw body (201).
+
+    Order matters: the name is checked and reserved (409) before the body is read; the
+    body is bounded by what a file for this model's geometry can need (413); its header
+    counts are scanned before the GGUF parser runs (``read_control_gguf``)."""
     state.ready()
     reg = registry(state)
     geometry = _geometry(state)
-    _check_name(name)
-    data = await request.body()
-    if not data:
-        raise _bad("body", "the body is empty; send the GGUF file as the raw request body")
-    try:
-        vec = await run_in_threadpool(
-            read_control_gguf, data, name, num_layers=geometry[0], hidden_size=geometry[1]
-        )
-    except GGUFFormatError as err:
-        raise _bad("body", f"not a usable control-vector GGUF file: {err}") from None
-    vec.info.update(source="gguf", bytes=len(data))
+    check_artifact_name(name)
+    limit = max_control_gguf_bytes(*geometry)
     try:
         with reg.reserve(name):
-            await run_in_threadpool(reg.add, name, vec)
+            data = await _bounded_body(request, limit)
+            if not data:
+                raise _bad("body", "the body is empty; send the GGUF file as the raw request "
+                           "body")
+            check_budget_room(state)
+
+            def parse(cancel: threading.Event) -> ControlVector:
+                return read_control_gguf(data, name, num_layers=geometry[0],
+                                         hidden_size=geometry[1])
+
+            try:
+                vec = await run_build(state, request, f"control vector '{name}'", parse)
+            except GGUFFormatError as err:
+                raise _bad("body", f"not a usable control-vector GGUF file: {err}") from None
+            vec.info.update(source="gguf", bytes=len(data))
+            await store_artifact(state, reg, name, vec)
     except ArtifactExistsError as err:
         raise _bad("name", str(err), 409) from None
     return JSONResponse(vector_card(reg, vec, geometry), status_code=201)
+
+
+async def _bounded_body(request: Request, limit: int) -> bytes:
+    """The raw body, or 413 as soon as it is known to exceed ``limit`` bytes (from
+    Content-Length, else while streaming: nothing past the limit is buffered)."""
+    too_big = _bad("body", f"a control-vector GGUF file for this model is at most {limit} "
+                   "bytes (its layers x hidden size, plus header room)", 413)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _lookup(reg: ArtifactRegistry[ControlVector], name: str) -> ControlVector:
@@ -353,13 +458,8 @@ async def export_gguf(name: str, state: StateDep) -> Response:
 async def list_vectors(state: StateDep) -> dict[str, Any]:
     """Every loaded vector, and the artifacts skipped as corrupt (name and reason)."""
     reg = registry(state)
-    await run_in_threadpool(reg.refresh)  # replicas sharing the volume may have added some
     geometry = _geometry(state) if state.resources.get(GEOMETRY) else None
-    return {
-        "object": "list",
-        "data": [vector_card(reg, reg[name], geometry) for name in reg],
-        "skipped": [{"name": k, "reason": v} for k, v in sorted(reg.corrupt.items())],
-    }
+    return await list_artifacts(reg, lambda vec: vector_card(reg, vec, geometry))
 
 
 @router.get("/v1/control-vectors/{name}", responses=_READ_ERRORS)
@@ -373,10 +473,4 @@ async def get_vector(name: str, state: StateDep) -> dict[str, Any]:
 @router.delete("/v1/control-vectors/{name}", responses=_READ_ERRORS)
 async def delete_vector(name: str, state: StateDep) -> dict[str, Any]:
     """Delete a vector (also one skipped as corrupt). Running requests keep theirs."""
-    reg = registry(state)
-    try:
-        check_name(name)
-        await run_in_threadpool(reg.remove, name)
-    except (InvalidNameError, ArtifactNotFoundError):
-        raise _bad("name", f"unknown control vector '{name}'", 404) from None
-    return {"name": name, "object": "control_vector", "deleted": True}
+    return await delete_artifact(registry(state), name, "control vector", "control_vector")

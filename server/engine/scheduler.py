@@ -471,7 +471,7 @@ class Engine:
                 row.forward_steps.append({k: v for k, v in values.items() if v == v})
             self._advance_row(row, token, now, self._token_logprob(b, row, host))
             if row.finish is None and row.control is not None and row.control.watch:
-                for k in row.control.watch.scan(row.detok.text):  # "after" markers
+                for k in row.control.watch.push(row.detok.last_decoded):  # "after" markers
                     if self._decode_phase is not None:
                         self._decode_phase.trigger(b, k, row.control.specs)
             if row.finish is None:

@@ -54,7 +54,10 @@ def corpus(n_chars: int, seed: int, alphabet: int = 48) -> str:
 
 
 def open_priors(root: Path) -> ArtifactRegistry[NgramPrior]:
-    return ArtifactRegistry.open(root, "prior", NgramPrior.from_artifact, NgramPrior.to_artifact)
+    # Grace 0: the killed writer is gone, so even a just-written temp file is an orphan
+    # (its name's lock is free); the default grace protects other replicas' writes.
+    return ArtifactRegistry.open(root, "prior", NgramPrior.from_artifact, NgramPrior.to_artifact,
+                                 tmp_grace_s=0)
 
 
 def leftovers(root: Path) -> list[str]:
@@ -198,7 +201,7 @@ def test_kill9_real_server_during_create_and_upload(tmp_path: Path) -> None:
     durations: dict[str, float] = {}
     outcomes = []
     for trial in range(SERVER_TRIALS + 1):
-        srv = ServerProcess(data, tmp_path / "server.log")
+        srv = ServerProcess(data, tmp_path / "server.log", STEER_ARTIFACT_TMP_GRACE_S="0")
         try:
             srv.wait_ready()
             _check_restarted(srv, seen, planted)  # the previous trial's kill left no half

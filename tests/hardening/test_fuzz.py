@@ -187,3 +187,58 @@ def test_generate_property(cheap_server: LiveServer, body: dict[str, Any]) -> No
         usage, tokens = out.usage.model_dump(), len(out.token_ids)
     assert tokens == usage["completion_tokens"] <= limit
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+# ------------------------- every JSON media type, and integers beyond float range
+# FastAPI parses application/json and every application/*+json alike, so the JSON guard
+# must see them all; integers written out as digits past float range must be a 400
+# naming the field wherever they land (free-form steering fields included), never the
+# OverflowError a float() of them raises.
+JSON_TYPES = ["application/json", "application/vnd.steer+json",
+              "application/problem+json; charset=utf-8", "application/merge-patch+json"]
+huge_int = st.integers(300, 1200).flatmap(
+    lambda digits: st.sampled_from([1, -1]).map(lambda sign: sign * 10**digits))
+JSON_BODIES: dict[str, dict[str, Any]] = {
+    "/v1/generate": {"prompt": "hi", "max_tokens": 2, "steering": [
+        {"type": "margin", "tau": 0.5}, {"type": "logit_bias", "bias": {"5": 1.0}}]},
+    "/v1/sweep": {"request": {"prompt": "hi", "max_tokens": 2},
+                  "grid": {"temperature": [0.0, 1.0]}},
+    "/v1/completions": {"model": "tiny", "prompt": "hi", "max_tokens": 2, "logit_bias": {"7": 2}},
+    "/v1/chat/completions": {"model": "tiny", "max_tokens": 2,
+                             "messages": [{"role": "user", "content": "hi"}]},
+    "/v1/priors": {"name": "fz", "text": "a b", "add_k": 0.5},
+    "/v1/control-vectors": {"name": "fz", "pairs": [{"positive": "a b", "negative": "c d"}],
+                            "layers": [1]},
+}
+
+
+def _leaves(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    if isinstance(node, dict):
+        return [p for k, v in node.items() for p in _leaves(v, (*path, k))]
+    if isinstance(node, list):
+        return [p for i, v in enumerate(node) for p in _leaves(v, (*path, i))]
+    return [path]
+
+
+@hypothesis.settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(data=st.data())
+def test_huge_integers_under_every_json_media_type(cheap_server: LiveServer,
+                                                  data: st.DataObject) -> None:
+    import copy
+
+    import httpx
+
+    path = data.draw(st.sampled_from(sorted(JSON_BODIES)))
+    body = copy.deepcopy(JSON_BODIES[path])
+    where = data.draw(st.sampled_from(_leaves(body)))
+    value = data.draw(huge_int)
+    node: Any = body
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    ctype = data.draw(st.sampled_from(JSON_TYPES))
+    resp = httpx.post(cheap_server.url + path, content=json.dumps(body).encode(),
+                      headers={"content-type": ctype}, timeout=60)
+    err = assert_envelope(resp, 400)
+    assert err["param"] == ".".join(str(k) for k in where), (err, where)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -97,10 +98,16 @@ def test_crash_between_data_and_commit_is_invisible(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path, "thing")
     store.save("x", ARRAYS, {})
     (tmp_path / "x.json").unlink()  # as if the process died before the JSON rename
-    (tmp_path / ".y.json.123.tmp").write_bytes(b"partial")
+    old, fresh = tmp_path / ".y.json.123.tmp", tmp_path / ".z.json.456.tmp"
+    old.write_bytes(b"partial")
+    fresh.write_bytes(b"another replica is writing this")
+    hour_ago = time.time() - 3601
+    os.utime(old, (hour_ago, hour_ago))
     reg = registry(tmp_path)
     assert len(reg) == 0 and reg.corrupt == {}
-    assert not (tmp_path / ".y.json.123.tmp").exists()  # leftovers are cleaned up
+    assert not old.exists()  # leftovers past the grace period are cleaned up
+    assert fresh.exists()  # younger ones may be another process's write in progress
+    assert not (tmp_path / "x.safetensors").exists()  # no lock held: an orphan, removed
 
 
 @pytest.mark.parametrize(
