@@ -346,6 +346,7 @@ class ModelCard(_Response):
     tokenizer_fingerprint: str | None = None
     dtype: str | None = None
     device: str | None = None
+    weights: str | None = None  # fp32 | bf16 | int4 (the fast path, docs/fastpath.md)
 
 
 class ModelList(_Response):
@@ -363,6 +364,7 @@ class Health(_Response):
     detail: str | None = None
     running: int = 0
     waiting: int = 0
+    weights: str | None = None
 
     @property
     def ready(self) -> bool:

@@ -29,6 +29,7 @@ application agree on what "layer ℓ" is.
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +92,20 @@ class ControlHooks:
             layer.register_forward_hook(partial(self._hook, i))
             for i, layer in enumerate(self.layers)
         ]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ControlHooks:
+        """A deep copy of a hooked model (e.g. a perturbed copy of the served model used
+        as a fusion expert) gets hooks of its own: the copied layers' hook registrations
+        are bound to this copy, which has fresh per-thread state (a ``threading.local``
+        cannot be copied, and sharing one would mix the two models' steering)."""
+        new = object.__new__(ControlHooks)
+        memo[id(self)] = new
+        new.layers = copy.deepcopy(self.layers, memo)
+        new.num_layers, new.hidden_size = self.num_layers, self.hidden_size
+        new._local = threading.local()
+        new.calls = 0
+        new._handles = []  # the copy's registrations came with its layers' hook dicts
+        return new
 
     @classmethod
     def install(cls, model: nn.Module) -> ControlHooks:
