@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from processors.base import ProcessorEnv
 from server.api.convert import to_generation_request
-from server.api.disconnect import cancel_on_disconnect
+from server.api.disconnect import cancel_on_disconnect, peek_first
 from server.api.errors import APIError, clip, validation_error
 from server.api.openai_protocol import (
     ChatChoice,
@@ -451,9 +451,10 @@ def _warnings(plan: _Plan) -> list[str]:
 
 async def _stream(
     kind: Kind, plan: _Plan, streams: ChoiceStreams, call_id: str, created: int,
-    model: str, strings: TokenStrings,
+    model: str, strings: TokenStrings, events: AsyncIterator[tuple[int, EngineEvent]],
 ) -> AsyncIterator[bytes]:
-    """SSE chunks for every choice, interleaved; cancels the rest if the client leaves."""
+    """SSE chunks for every choice, interleaved (``events``: the choices' events, the
+    first already peeked at); cancels the rest if the client leaves."""
     obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
     states = [_ChoiceState() for _ in plan.requests]
 
@@ -488,7 +489,7 @@ async def _stream(
         if kind == "chat":
             for i in range(len(states)):
                 yield chunk(i, "", [], None, role=True)
-        async for i, ev in streams.events():
+        async for i, ev in events:
             if isinstance(ev, TokenEvent):
                 items = _logprob_items(ev)
                 if ev.text or items:
@@ -526,8 +527,13 @@ async def _serve(
     created = int(time.time())
     strings = TokenStrings(bundle.tokenizer)
     if plan.stream:
+        # Headers wait for the first event: an error before any token is the status.
+        first, events = await peek_first(request, streams.events(), streams.cancel)
+        if isinstance(first[1], ErrorEvent):
+            streams.cancel()
+            raise APIError(first[1].code, first[1].message, type=first[1].type)
         return StreamingResponse(
-            _stream(kind, plan, streams, call_id, created, bundle.name, strings),
+            _stream(kind, plan, streams, call_id, created, bundle.name, strings, events),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

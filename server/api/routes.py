@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.api.convert import to_generation_request
-from server.api.disconnect import cancel_on_disconnect
+from server.api.disconnect import cancel_on_disconnect, peek_first
 from server.api.errors import APIError, error_responses
 from server.api.protocol import (
     GenerateRequest,
@@ -27,7 +27,7 @@ from server.api.protocol import (
     Usage,
 )
 from server.api.state import EventStream, StateDep, submit
-from server.engine.types import ErrorEvent, FinishEvent, TokenEvent
+from server.engine.types import EngineEvent, ErrorEvent, FinishEvent, TokenEvent
 
 router = APIRouter()
 
@@ -67,8 +67,14 @@ async def generate(body: GenerateRequest, request: Request, state: StateDep) -> 
     model = bundle.name
 
     if body.stream:
+        # Headers wait for the first engine event, so an error before any token (e.g. a
+        # stack that made the logits non-finite: 422) is the response's status.
+        first, events = await peek_first(request, stream.events(), stream.cancel)
+        if isinstance(first, ErrorEvent):
+            stream.cancel()
+            raise APIError(first.code, first.message, type=first.type)
         return StreamingResponse(
-            _stream_frames(stream, req.request_id, model, req.warnings),
+            _stream_frames(stream, req.request_id, model, req.warnings, events),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -117,12 +123,14 @@ async def collect(
 
 
 async def _stream_frames(
-    stream: EventStream, request_id: str, model: str, warnings: tuple[str, ...] = ()
+    stream: EventStream, request_id: str, model: str, warnings: tuple[str, ...] = (),
+    events: AsyncIterator[EngineEvent] | None = None,
 ) -> AsyncIterator[bytes]:
-    """SSE frames (each a :class:`StreamEvent`) for one request; cancels the engine row
-    if the client disconnects."""
+    """SSE frames (each a :class:`StreamEvent`) for one request (``events``: the
+    request's events when the caller already peeked at them); cancels the engine row if
+    the client disconnects."""
     try:
-        async for ev in stream.events():
+        async for ev in events if events is not None else stream.events():
             if isinstance(ev, TokenEvent):
                 yield stream_frame(StreamEvent(
                     id=request_id, model=model, text=ev.text, token_ids=list(ev.token_ids),
