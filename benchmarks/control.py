@@ -110,7 +110,9 @@ def forward_overhead(engine: Engine, reqs: list[GenerationRequest],
         specs = control_specs(parse_stack(steer, env, max_len=4)) if steer else ()
         phases[name] = build_phase([specs] * len(prompts), "generated", dev,
                                    prompt_lens=[len(p) for p in prompts])
-    cache, mask, _, logits = runner.prefill(prompts)
+    group = runner.prefill(prompts)
+    cache, mask, logits = group.cache, group.mask, group.next_logits
+    lengths = [n + 1 for n in group.lengths]  # each row's real tokens after the fed one
     tokens = logits.argmax(dim=-1)  # (B,)
     mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
     positions = (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
@@ -122,7 +124,7 @@ def forward_overhead(engine: Engine, reqs: list[GenerationRequest],
                 t0 = time.perf_counter()
                 with runner.hooks.steering(phase, mask, positions):
                     forward_last_logits(runner.model, tokens.view(-1, 1), mask, positions,
-                                        cache)
+                                        cache, lengths)
                 if phase is not None and phase.stats:
                     names = sorted(phase.stats)
                     torch.stack([phase.stats[k] for k in names], dim=1).double().tolist()
