@@ -40,6 +40,15 @@ def sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
+def usage_of(ev: FinishEvent) -> Usage:
+    """The token counts of a finished request (native response and final stream frame)."""
+    return Usage(
+        prompt_tokens=ev.prompt_tokens,
+        completion_tokens=ev.completion_tokens,
+        total_tokens=ev.prompt_tokens + ev.completion_tokens,
+    )
+
+
 def logprob_entries(ev: TokenEvent) -> list[TokenLogprob]:
     """The native wire form of a token event's logprobs (aligned with its token ids)."""
     return [
@@ -106,11 +115,7 @@ async def collect(
                 text="".join(text),
                 token_ids=tokens,
                 finish_reason=ev.finish_reason,
-                usage=Usage(
-                    prompt_tokens=ev.prompt_tokens,
-                    completion_tokens=ev.completion_tokens,
-                    total_tokens=ev.prompt_tokens + ev.completion_tokens,
-                ),
+                usage=usage_of(ev),
                 diagnostics=ev.diagnostics,
                 receipt=ev.receipt,
                 logprobs=logprobs,
@@ -140,11 +145,7 @@ async def _stream_frames(
                 yield stream_frame(StreamEvent(
                     id=request_id, model=model, text=ev.text, token_ids=[],
                     finish_reason=ev.finish_reason,
-                    usage=Usage(
-                        prompt_tokens=ev.prompt_tokens,
-                        completion_tokens=ev.completion_tokens,
-                        total_tokens=ev.prompt_tokens + ev.completion_tokens,
-                    ),
+                    usage=usage_of(ev),
                     diagnostics=ev.diagnostics,
                     receipt=ev.receipt,
                     warnings=list(warnings) or None,
