@@ -6,6 +6,7 @@ interleaved round by round, and quote medians: the machine is shared and noisy.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import socket
@@ -80,3 +81,14 @@ def report_ratio(name: str, value: float, op: str, target: float) -> None:
     ``op`` is ``"<="`` or ``">="``: the ratio meets its target when ``value op target``.
     """
     print(f"RATIO|{name}|{value:.4f}|{op}|{target}", flush=True)
+
+
+async def burst(url: str, bodies: list[dict], timeout: float = 1800) -> float:
+    """Send ``bodies`` to ``/v1/generate`` all at once; aggregate completion tokens/s."""
+    async with httpx.AsyncClient(base_url=url, timeout=timeout) as c:
+        t0 = time.perf_counter()
+        rs = await asyncio.gather(*[c.post("/v1/generate", json=b) for b in bodies])
+        wall = time.perf_counter() - t0
+    for r in rs:
+        r.raise_for_status()
+    return sum(r.json()["usage"]["completion_tokens"] for r in rs) / wall

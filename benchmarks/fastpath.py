@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     EMBEDDED,
+    burst,
     machine,
     median,
     report_ratio,
@@ -100,16 +100,6 @@ def quality(n_prompts: int, tokens: int) -> dict[str, dict[str, float]]:
             f"{w} top1 {s['top1'][-1]:.3f} KL {s['kl'][-1]:.4f}" for w, s in stats.items()),
             flush=True)
     return {w: {k: sum(v) / len(v) for k, v in st.items()} for w, st in stats.items()}
-
-
-async def burst(url: str, bodies: list[dict[str, Any]]) -> float:
-    async with httpx.AsyncClient(base_url=url, timeout=1800) as c:
-        t0 = time.perf_counter()
-        rs = await asyncio.gather(*[c.post("/v1/generate", json=b) for b in bodies])
-        wall = time.perf_counter() - t0
-    for r in rs:
-        r.raise_for_status()
-    return sum(r.json()["usage"]["completion_tokens"] for r in rs) / wall
 
 
 def sixteen_stacks(prior: str) -> list[list[dict[str, Any]]]:

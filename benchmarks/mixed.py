@@ -14,14 +14,19 @@ import argparse
 import asyncio
 import os
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, median, report_ratio, server_process  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    burst,
+    machine,
+    median,
+    report_ratio,
+    server_process,
+)
 
 # Eight different prompts in both variants, so neither gets the shared-prefill shortcut
 # that identical prompts would.
@@ -49,16 +54,6 @@ def stacks(prior: str, vector: str) -> list[list[dict]]:
     ]
 
 
-async def burst(url: str, bodies: list[dict]) -> float:
-    async with httpx.AsyncClient(base_url=url, timeout=900) as c:
-        t0 = time.perf_counter()
-        rs = await asyncio.gather(*[c.post("/v1/generate", json=b) for b in bodies])
-        wall = time.perf_counter() - t0
-    for r in rs:
-        r.raise_for_status()
-    return sum(r.json()["usage"]["completion_tokens"] for r in rs) / wall
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -79,11 +74,11 @@ def main() -> None:
             plain = bases
             mixed = [{**b, "steering": s} for b, s in zip(bases, stacks(prior, vector),
                                                           strict=True)]
-            asyncio.run(burst(url, [{**b, "max_tokens": 4} for b in bases]))  # warm-up
+            asyncio.run(burst(url, [{**b, "max_tokens": 4} for b in bases], 900))  # warm-up
             tps: dict[str, list[float]] = {"plain": [], "mixed": []}
             for rnd in range(args.rounds):
-                tps["plain"].append(asyncio.run(burst(url, plain)))
-                tps["mixed"].append(asyncio.run(burst(url, mixed)))
+                tps["plain"].append(asyncio.run(burst(url, plain, 900)))
+                tps["mixed"].append(asyncio.run(burst(url, mixed, 900)))
                 print(f"round {rnd + 1}: plain {tps['plain'][-1]:.1f} tok/s, "
                       f"mixed {tps['mixed'][-1]:.1f} tok/s", flush=True)
         finally:

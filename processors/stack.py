@@ -101,35 +101,31 @@ def stack_warnings(stack: Sequence[StackEntry]) -> list[str]:
     """Legal but probably unintended combinations, reported to the user as warnings."""
     warnings: list[str] = []
     types = [e.type for e in stack]
-    if "margin" in types:
-        i = types.index("margin")
-        # Control vectors act in the forward pass, so margin guards them wherever they are
-        # listed (its reference is then the unsteered twin's logits, server.engine.twins).
-        guarded = [t for t in types[:i] if t != "margin"] + [t for t in types if t in _IN_FORWARD]
-        if not guarded:
-            warnings.append(
-                "steering: the 'margin' entry has no steering before it to guard; it has no "
-                "effect"
-            )
-        # The fluency guard belongs after margin (it guards the calibrated distribution).
-        if any(t not in _IN_FORWARD and t != "guard" for t in types[i + 1 :]):
-            warnings.append(
-                "steering: entries after 'margin' are not guarded by it; put 'margin' last"
-            )
-    if "guard" in types:
-        i = types.index("guard")
-        guarded = [t for t in types[:i] if t != "margin"] + [t for t in types if t in _IN_FORWARD]
-        if not guarded:
-            warnings.append(
-                "steering: the 'guard' entry has no steering before it to guard; it has no "
-                "effect"
-            )
-        if any(t not in _IN_FORWARD for t in types[i + 1 :]):
-            warnings.append(
-                "steering: entries after 'guard' are not guarded by it; put 'guard' last "
-                "(after 'margin')"
-            )
+    # margin and guard are stack-level guards: each needs steering to guard (before it, or
+    # a control vector anywhere: those act in the forward pass, so the reference is the
+    # unsteered twin's logits, server.engine.twins) and belongs after the logits entries.
+    # The fluency guard belongs after margin (it guards the calibrated distribution).
+    warnings += _guard_warnings(types, "margin", "put 'margin' last", also_after={"guard"})
+    warnings += _guard_warnings(types, "guard", "put 'guard' last (after 'margin')")
     return warnings
+
+
+def _guard_warnings(
+    types: Sequence[str], name: str, fix: str, also_after: frozenset[str] | set[str] = frozenset()
+) -> list[str]:
+    """Placement warnings for the stack-level guard ``name`` (``margin`` or ``guard``):
+    nothing to guard, or logits entries after it (other than ``also_after``)."""
+    if name not in types:
+        return []
+    i = types.index(name)
+    out: list[str] = []
+    guarded = [t for t in types[:i] if t != "margin"] + [t for t in types if t in _IN_FORWARD]
+    if not guarded:
+        out.append(f"steering: the '{name}' entry has no steering before it to guard; it has "
+                   "no effect")
+    if any(t not in _IN_FORWARD and t not in also_after for t in types[i + 1 :]):
+        out.append(f"steering: entries after '{name}' are not guarded by it; {fix}")
+    return out
 
 
 class ProcessorStack:
