@@ -84,16 +84,70 @@ def collect_events(q: queue.Queue[Any]) -> tuple[list[int], FinishEvent]:
             raise AssertionError(f"engine error: {ev}")
 
 
+def run_to_completion(
+    engine: Engine, request: GenerationRequest, timeout: float = 600.0
+) -> tuple[list[int], str, FinishEvent]:
+    """Submit ``request`` and block until it finishes: the generated token ids, the full
+    text and the final event; raises RuntimeError on an ErrorEvent."""
+    q: queue.Queue[Any] = queue.Queue()
+    engine.submit(request, q.put)
+    tokens: list[int] = []
+    text: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        ev = q.get(timeout=max(0.0, deadline - time.monotonic()))
+        if isinstance(ev, TokenEvent):
+            tokens.extend(ev.token_ids)
+            text.append(ev.text)
+        elif isinstance(ev, FinishEvent):
+            text.append(ev.text)
+            return tokens, "".join(text), ev
+        else:
+            raise RuntimeError(ev.message)
+
+
+class EngineProbe:
+    """What a test observes of an engine from outside, by wrapping two of its calls on
+    the instance: ``peak_batch`` (most rows sampled in one step) and ``prefill_rows``
+    (prompts actually prefilled; a shared prefix counts once). Use :func:`probe`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.peak_batch = 0
+        self.prefill_rows = 0
+        sample, prefill = engine.sampler.sample, engine.runner.prefill
+
+        def sample_spy(logits: Any, *a: Any, **k: Any) -> Any:
+            self.peak_batch = max(self.peak_batch, int(logits.shape[0]))
+            return sample(logits, *a, **k)
+
+        def prefill_spy(prompts: Any, *a: Any, **k: Any) -> Any:
+            self.prefill_rows += len(prompts)
+            return prefill(prompts, *a, **k)
+
+        engine.sampler.sample = sample_spy  # type: ignore[method-assign]
+        engine.runner.prefill = prefill_spy  # type: ignore[method-assign]
+
+
+def probe(engine: Engine) -> EngineProbe:
+    """The engine's probe, installed on first use (so wrappers never stack)."""
+    found = engine.__dict__.get("_test_probe")
+    if not isinstance(found, EngineProbe):
+        found = EngineProbe(engine)
+        engine.__dict__["_test_probe"] = found
+    return found
+
+
 def run_together(
     engine: Engine, reqs: list[GenerationRequest]
 ) -> list[tuple[list[int], FinishEvent]]:
     """Submit atomically so that the requests are admitted and decoded as one batch
     (checked: the engine's peak batch is exactly their number)."""
-    engine.peak_batch = 0
+    seen = probe(engine)
+    seen.peak_batch = 0
     queues: list[queue.Queue[Any]] = [queue.Queue() for _ in reqs]
     engine.submit_many([(r, q.put) for r, q in zip(reqs, queues, strict=True)])
     out = [collect_events(q) for q in queues]
-    assert engine.peak_batch == len(reqs)
+    assert seen.peak_batch == len(reqs)
     return out
 
 

@@ -136,10 +136,20 @@ def test_hooks_are_installed_once_and_free_when_unused(
     assert hooks is engine.runner.hooks and len(hooks._handles) == LAYERS
     again = Engine(engine.model, tok)  # a second engine over the same model reuses them
     assert again.runner.hooks is hooks
-    calls = hooks.calls
-    run_together(engine, [req(tok, env, "Hello there", []), req(tok, env, "Hi", [
-        {"type": "control", "vector": "a", "alpha": 0.0}])])
-    assert hooks.calls == calls  # no steered row: the hooks never got a phase
+    phases: list[Any] = []
+    real = hooks.steering
+
+    def spy(phase: Any, *a: Any, **k: Any) -> Any:
+        phases.append(phase)
+        return real(phase, *a, **k)
+
+    hooks.steering = spy  # type: ignore[method-assign]
+    try:
+        run_together(engine, [req(tok, env, "Hello there", []), req(tok, env, "Hi", [
+            {"type": "control", "vector": "a", "alpha": 0.0}])])
+    finally:
+        del hooks.steering
+    assert phases and all(p is None for p in phases)  # no steered row: never a phase
 
 
 def test_hooks_leave_nothing_behind(setup: tuple[Engine, ProcessorEnv, Any]) -> None:
@@ -173,7 +183,19 @@ def test_diagnostics_use_unsteered_twins(setup: tuple[Engine, ProcessorEnv, Any]
         req(tok, env, "Hello there", gen, "g", diagnostics="steps", n=8),
         req(tok, env, "Hello there", steer, "nodiag", n=8),
     ]
-    (toks, fin), (_, fin_plain), (toks_g, fin_g), (toks_nd, _) = run_together(engine, reqs)
+    forwards: list[int] = []  # batch size of every main-model forward
+    handle = engine.model.register_forward_pre_hook(
+        lambda _m, _a, kw: forwards.append(int(kw["input_ids"].shape[0])), with_kwargs=True)
+    steps = engine.steps
+    try:
+        (toks, fin), (_, fin_plain), (toks_g, fin_g), (toks_nd, _) = run_together(engine, reqs)
+    finally:
+        handle.remove()
+    # One forward per step, twins inside it: the prefill, then one decode for each step
+    # but the last (all rows end together). Three rows are control-steered with
+    # diagnostics or not; "s" and "g" want twins, so decodes carry 4 + 2 rows.
+    assert len(forwards) == 1 + (engine.steps - steps - 1), forwards
+    assert forwards[1:] == [6] * (len(forwards) - 1)
     assert toks_nd == toks  # diagnostics do not change the tokens
     vec = env.resources["control_vectors"]["a"]
     add = {k: 2.0 * torch.from_numpy(v) for k, v in vec.directions.items()}
