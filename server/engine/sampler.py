@@ -77,14 +77,27 @@ class Sampler:
         params = [r.params for r in rows]
         greedy = [is_greedy(p) for p in params]
 
-        def col(values: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=dev).view(-1, 1)
+        pairs = list(zip(params, greedy, strict=True))
+        V = self.vocab_size
+        # Every per-row parameter in one host table and one upload (issue 20.5): columns
+        # greedy, temperature, top_k, top_p, min_p, repetition, presence, frequency.
+        # float64 holds top_k (< 2**53) exactly.
+        table = torch.tensor(
+            [[float(g), 1.0 if g else p.temperature,
+              float(min(p.top_k, V) if p.top_k > 0 else V), p.top_p, p.min_p,
+              p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
+             for p, g in pairs],
+            dtype=torch.float64,
+        ).view(-1, 8).to(dev)
+        f32 = table.to(torch.float32)
 
-        self.greedy = col(greedy, torch.bool)  # (B,1)
+        def col(j: int) -> torch.Tensor:
+            return f32[:, j : j + 1]  # (B, 1)
+
+        self.greedy = table[:, 0:1] > 0.5  # (B,1)
         self.all_greedy = all(greedy)
         self.any_greedy = any(greedy)
-        pairs = list(zip(params, greedy, strict=True))
-        self.temperature = col([1.0 if g else p.temperature for p, g in pairs])
+        self.temperature = col(1)
         self.any_temp = any(not g and p.temperature != 1.0 for p, g in pairs)
         # Rows that draw noise: sampled rows with a generator (greedy rows draw nothing).
         self._draws = [
@@ -95,21 +108,18 @@ class Sampler:
         sampled = [p for p, g in zip(params, greedy, strict=True) if not g]
         self.top_k_max = max((p.top_k for p in sampled if p.top_k > 0), default=0)
         self.top_k_max = min(self.top_k_max, self.vocab_size)
-        self.top_k = col(
-            [min(p.top_k, self.vocab_size) if p.top_k > 0 else self.vocab_size for p in params],
-            torch.long,
-        )
+        self.top_k = table[:, 2:3].to(torch.long)
         self.any_top_p = any(p.top_p < 1.0 for p in sampled)
-        self.top_p = col([p.top_p for p in params])
+        self.top_p = col(3)
         self.any_min_p = any(p.min_p > 0.0 for p in sampled)
-        self.min_p = col([p.min_p for p in params])
+        self.min_p = col(4)
         self.any_rep = any(p.repetition_penalty != 1.0 for p in params)
-        self.rep = col([p.repetition_penalty for p in params])
+        self.rep = col(5)
         self.any_pen = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
         self._counts = None
         if self.any_pen:
-            self.presence = col([p.presence_penalty for p in params])  # (B,1)
-            self.frequency = col([p.frequency_penalty for p in params])  # (B,1)
+            self.presence = col(6)  # (B,1)
+            self.frequency = col(7)  # (B,1)
             zeros = torch.zeros(self.vocab_size, dtype=torch.float32, device=dev)
             self._counts = torch.stack(
                 [r.counts if r.counts is not None else zeros for r in rows]
