@@ -279,7 +279,7 @@ def test_host_syncs_per_step(
     assert steady and changing
     assert max(steady) == 1, per_step
     assert max(changing) <= 3, per_step
-    # Rows leaving (15 uploads before issue 20.5's rework): the kept rows' index (batch
+    # Rows leaving (11 uploads before issue 20.5's rework): the kept rows' index (batch
     # and tokens), the sampler's parameter table (one, was 6-8 columns), its EOS-block
     # rows, logit_bias's table (one, was 3); no repetition-presence rebuild from every
     # row's whole history (the rows follow on the device).
