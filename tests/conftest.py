@@ -22,6 +22,7 @@ os.environ.setdefault("STEER_WEIGHTS", "fp32")
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 import processors  # noqa: F401  (registers processors)
@@ -39,6 +40,16 @@ from server.settings import Settings
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 
+# Every device present: the CPU always, CUDA when available (issue 20: the processor and
+# engine unit tests run on each).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Each device present (see ``DEVICES``)."""
+    return torch.device(request.param)
+
 
 def real_data_dir() -> Path:
     """Where the converted embedded model is cached (shared across test runs)."""
@@ -55,9 +66,26 @@ def real_bundle() -> ModelBundle:
     return load_model(EMBEDDED, real_data_dir(), weights="fp32")
 
 
+_ON_DEVICE: dict[str, Any] = {}
+
+
+def model_on(model: Any, device: torch.device) -> Any:
+    """``model`` itself on the CPU, else a copy moved to ``device`` (made once)."""
+    if device.type == "cpu":
+        return model
+    key = f"{id(model)}:{device}"
+    if key not in _ON_DEVICE:
+        import copy
+
+        _ON_DEVICE[key] = copy.deepcopy(model).to(device)
+    return _ON_DEVICE[key]
+
+
 @pytest.fixture
-def tiny_engine(tiny_bundle: ModelBundle) -> Iterator[Engine]:
-    engine = Engine(tiny_bundle.model, tiny_bundle.tokenizer, EngineConfig(max_batch_size=16))
+def tiny_engine(tiny_bundle: ModelBundle, device: torch.device) -> Iterator[Engine]:
+    """An engine over the tiny model on each device present (float32)."""
+    model = model_on(tiny_bundle.model, device)
+    engine = Engine(model, tiny_bundle.tokenizer, EngineConfig(max_batch_size=16))
     engine.start()
     yield engine
     engine.stop()

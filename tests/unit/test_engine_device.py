@@ -29,14 +29,6 @@ from server.engine.padding import attention_mask_4d, left_pad
 from server.engine.runner import ModelRunner
 from tests.conftest import collect_events, make_request
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture(params=DEVICES)
-def device(request: pytest.FixtureRequest) -> torch.device:
-    """Every device present (CPU always; CUDA when available)."""
-    return torch.device(request.param)
-
 
 # ------------------------------------------------------------------ 20.1: the mask
 def test_mask_matches_brute_force_and_no_row_is_fully_masked(device: torch.device) -> None:
