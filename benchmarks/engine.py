@@ -7,7 +7,10 @@
     (host time between forwards / wall time from the first decode to the last), with
     the next decode launched after emit (``overlap`` off, the CPU default) and before
     it (``overlap`` on: on the CPU the forward runs on a helper thread), and the
-    aggregate tokens/s of both.
+    aggregate tokens/s of both;
+(d) in process, the number of fresh ``(B, V)`` tensors allocated per decode step in
+    the sampling phase (processor stack, sampler, host packing) for a batch of 8 rows
+    with logit_bias/margin stacks, a repetition penalty and sampled rows.
 
 Rounds interleave every variant; the printed ratios are of the medians.
 Targets (issue 2): (a) ≥ 1.0×, (b) ≥ 3.8× at concurrency 8.
@@ -122,6 +125,71 @@ def idle_share(bundle, prompts: list[list[int]], tokens: int, overlap: bool) -> 
     return 1.0 - busy / window, done / wall
 
 
+def bv_allocations(bundle, prompts: list[list[int]], steps: int = 6) -> float:
+    """Median count of fresh ``(B, V)``-sized tensors made per step by ``Engine._sample``
+    (everything between one forward's logits and the next forward), counted by a
+    ``TorchDispatchMode`` on the engine thread: an op output counts when it has ``B·V``
+    elements and a storage no earlier tensor of the step had (views don't count)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from processors.base import ProcessorEnv
+    from processors.stack import parse_stack
+
+    V = int(bundle.model.config.vocab_size)
+    counts: list[int] = []
+
+    class Count(TorchDispatchMode):
+        def __init__(self, B: int) -> None:
+            super().__init__()
+            self.B, self.n, self.seen = B, 0, set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    self.seen.add(a.untyped_storage().data_ptr())
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            for t in outs:
+                if isinstance(t, torch.Tensor) and t.numel() == self.B * V:
+                    ptr = t.untyped_storage().data_ptr()
+                    if ptr not in self.seen:
+                        self.n += 1
+                        self.seen.add(ptr)
+            return out
+
+    engine = Engine(bundle.model, bundle.tokenizer, EngineConfig(max_batch_size=8))
+    real = engine._sample
+
+    def counted():
+        with Count(len(engine.rows)) as mode:
+            out = real()
+        counts.append(mode.n)
+        return out
+
+    engine._sample = counted  # type: ignore[method-assign]
+    env = ProcessorEnv(vocab_size=V)
+    stacks = [
+        [{"type": "logit_bias", "bias": {"7": 2.0}}, {"type": "logit_bias", "bias": {"9": 1.0}},
+         {"type": "margin", "tau": 0.5}],
+        [{"type": "logit_bias", "bias": {"11": -1.0}}],
+    ]
+    reqs = [GenerationRequest(f"a{i}", tuple(p), SamplingParams(
+        max_tokens=steps, ignore_eos=True, temperature=0.8 if i % 2 else 0.0, seed=i,
+        repetition_penalty=1.2 if i % 4 == 1 else 1.0),
+        steering=parse_stack(stacks[i % 2], env, max_len=4))
+        for i, p in enumerate(prompts)]
+    engine.start()
+    try:
+        qs: list[queue.Queue] = [queue.Queue() for _ in reqs]
+        engine.submit_many([(r, q.put) for r, q in zip(reqs, qs, strict=True)])
+        for q in qs:
+            while not isinstance(q.get(timeout=600), FinishEvent):
+                pass
+    finally:
+        engine.stop()
+    return median([float(c) for c in counts])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -152,6 +220,9 @@ def main() -> None:
           f"  ({med_idle['tps_off']:.1f} tok/s)")
     print(f"  device idle share, overlap on  : {med_idle['idle_on']:.3f}"
           f"  ({med_idle['tps_on']:.1f} tok/s)")
+    allocs = bv_allocations(bundle, prompts)
+    print(f"(d) fresh (B, V) tensors per step, sampling phase, batch 8: {allocs:.0f}")
+    med_idle["bv_allocations_per_step"] = allocs
     if args.idle_only:
         if args.json:
             Path(args.json).write_text(json.dumps({"idle": med_idle}, indent=2))

@@ -30,6 +30,7 @@ greedy rows draw nothing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -177,46 +178,59 @@ class Sampler:
         bans: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         B, V = logits.shape
+        # ``logits`` is the caller's (not modified); once a step has made a fresh tensor
+        # (``owned``), the later steps write into it instead of allocating another (B, V)
+        # — in-place ops give the same bits as their out-of-place forms.
+        owned = False
         if self.any_rep and seen is not None:
             penalized = torch.where(logits > 0, logits / self.rep, logits * self.rep)
-            logits = torch.where(seen, penalized, logits)
+            logits, owned = torch.where(seen, penalized, logits), True
         if self._counts is not None:
             logits = (
                 logits
                 - self.frequency * self._counts
                 - self.presence * (self._counts > 0).to(logits.dtype)
             )
+            owned = True
         if self.any_eos_block:
-            logits = logits.masked_fill(self._eos_block_mask(), float("-inf"))
+            mask = self._eos_block_mask()
+            logits = logits.masked_fill_(mask, -math.inf) if owned else \
+                logits.masked_fill(mask, -math.inf)
+            owned = True
         if bans is not None and bans[0].numel():
-            logits = logits.index_put(bans, torch.tensor(float("-inf"), device=logits.device))
+            ninf = torch.tensor(-math.inf, device=logits.device)
+            logits = logits.index_put_(bans, ninf) if owned else logits.index_put(bans, ninf)
+            owned = True
         greedy_tokens = logits.argmax(dim=-1)
         if self.all_greedy:
             return greedy_tokens
         if self.any_temp:
-            logits = logits / self.temperature
+            logits = logits.div_(self.temperature) if owned else logits / self.temperature
+            owned = True
         if self.top_k_max > 0:
             top_vals = logits.topk(self.top_k_max, dim=-1).values  # (B, Kmax)
             kth = top_vals.gather(1, (self.top_k.clamp(max=self.top_k_max) - 1))
-            kth = torch.where(self.top_k >= V, torch.full_like(kth, float("-inf")), kth)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            kth = torch.where(self.top_k >= V, torch.full_like(kth, -math.inf), kth)
+            drop = logits < kth
+            logits = logits.masked_fill_(drop, -math.inf) if owned else \
+                logits.masked_fill(drop, -math.inf)
         if self.any_top_p:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             probs = sorted_logits.softmax(dim=-1)
             before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
             drop = (before > self.top_p) & (self.top_p < 1.0)
             drop[:, 0] = False  # always keep the most likely token
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            sorted_logits = sorted_logits.masked_fill_(drop, -math.inf)
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-        probs = logits.softmax(dim=-1)
+        probs = logits.softmax(dim=-1)  # fresh: written in place from here on
         if self.any_min_p:
             floor = self.min_p * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < floor, 0.0)
+            probs = probs.masked_fill_(probs < floor, 0.0)
         # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) samples i with prob ∝ p_i.
         noise = torch.ones_like(probs)
         for b, gen in self._draws:
             noise[b].exponential_(generator=gen)
-        sampled = (probs / noise).argmax(dim=-1)
+        sampled = probs.div_(noise).argmax(dim=-1)
         if self.any_greedy:
             return torch.where(self.greedy.view(-1), greedy_tokens, sampled)
         return sampled
