@@ -4,8 +4,10 @@ Requests wait in a bounded queue and join the running batch at step boundaries; 
 loop iteration (1) drops cancelled rows, (2) prefills newly admitted rows as one group
 and merges their KV cache into the batch, (3) runs the processor stack and the sampler
 on every row's pending logits, (4) emits tokens, applies stop conditions and removes
-finished rows, (5) runs one batched decode forward for the rows that remain. The
-asyncio event loop never touches torch: results travel through per-request sinks.
+finished rows, (5) runs one batched decode forward for the rows that remain (with
+``EngineConfig.overlap``, (5) is launched before (4) for every row, and the rows that
+ended are dropped from its result; docs/engine.md). The asyncio event loop never
+touches torch: results travel through per-request sinks.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -425,7 +428,11 @@ class Engine:
         self.steps += 1
         if self._overlap != "off" and not self._watching():
             pending = self._launch_decode(out.tokens)
-            keep = self._emit_all(out, copy.wait())
+            try:
+                keep = self._emit_all(out, copy.wait())
+            finally:  # never leave the forward running into a failure path's reset
+                if pending is not None:
+                    wait_futures([pending])
             if pending is not None:
                 pending.result()  # the forward's own exception, if any, surfaces here
             if len(keep) != len(self.rows):
@@ -456,7 +463,9 @@ class Engine:
             self._decode(tokens)
             return None
         if self._forward_pool is None:
-            self._forward_pool = ThreadPoolExecutor(1, thread_name_prefix="steer-forward")
+            self._forward_pool = ThreadPoolExecutor(
+                1, thread_name_prefix="steer-forward",
+                initializer=torch.set_grad_enabled, initargs=(False,))  # as the engine
         return self._forward_pool.submit(self._decode, tokens)
 
     def _sample(self) -> _StepOutput:
