@@ -175,6 +175,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dirty = True  # batch composition changed since the last rebuild
+        # Batch rows kept since the last rebuild when rows only left (None: a join or a
+        # reset happened, so everything is rebuilt from the host).
+        self._leave_map: list[int] | None = None
         self._any_diag = False
         self._logprobs_k: int | None = None  # max top-k asked by a row; None = no row asks
         self.observer = EngineObserver()  # replaced by the server's metrics
@@ -384,6 +387,7 @@ class Engine:
                                   control=RowControl.of(req.steering)))
         self.aux.prefill([r.handle.key for r in self.rows], [(h.key, h.request) for h, _ in new])
         self._dirty = True
+        self._leave_map = None
 
     def _rebuild(self) -> None:
         """Rebuild processors and sampler tensors for the current composition."""
@@ -391,14 +395,20 @@ class Engine:
         # Twins are rows B.. of the same forward with no control entry (zero delta).
         owners = self.twins.owners
         twin_rows = [self.rows[b] for b in owners]
-        self._decode_phase = build_phase(
-            [control_specs(r.request.steering) for r in self.rows] + [() for _ in owners],
-            "generated",
-            self.device,
-            prompt_lens=[len(r.request.prompt_ids) for r in self.rows + twin_rows],
-            triggered=[r.control.watch.fired if r.control and r.control.watch else ()
-                       for r in self.rows] + [() for _ in owners],
-        )
+        if self._leave_map is not None:
+            # Rows only left: the deltas follow the kept rows on the device (issue 20.5).
+            if self._decode_phase is not None:
+                self._decode_phase = self._decode_phase.select(self._leave_map)
+        else:
+            self._decode_phase = build_phase(
+                [control_specs(r.request.steering) for r in self.rows] + [() for _ in owners],
+                "generated",
+                self.device,
+                prompt_lens=[len(r.request.prompt_ids) for r in self.rows + twin_rows],
+                triggered=[r.control.watch.fired if r.control and r.control.watch else ()
+                           for r in self.rows] + [() for _ in owners],
+            )
+        self._leave_map = None
         self.sampler.update_state([r.sampler_row for r in self.rows])
         if not self.sampler.any_rep:
             self.batch.seen = None
@@ -604,7 +614,12 @@ class Engine:
     def _keep_rows(self, keep: Sequence[int]) -> None:
         """Keep only rows ``keep`` (batch order) in every per-row structure."""
         self.rows = [self.rows[b] for b in keep]
-        self.batch.select(self.twins.select(keep))
+        rows = self.twins.select(keep)  # batch rows: the kept rows, then their twins
+        self.batch.select(rows)
+        if not self._dirty:
+            self._leave_map = rows
+        elif self._leave_map is not None:  # a second leave before the rebuild
+            self._leave_map = [self._leave_map[i] for i in rows]
         self.aux.sync([r.handle.key for r in self.rows])  # frees their aux caches
         self._dirty = True
 
@@ -617,6 +632,7 @@ class Engine:
         self.aux.reset()
         self._decode_phase = None
         self._dirty = True
+        self._leave_map = None
 
     def _advance_row(
         self, row: _Row, token: int, now: float, lp: TokenLogprob | None = None

@@ -215,3 +215,42 @@ def test_diagnostics_use_unsteered_twins(setup: tuple[Engine, ProcessorEnv, Any]
     assert g["kl_base_steered_mean"] > 0
     assert math.isclose(fin_plain.diagnostics["kl_base_steered_mean"], 0.0, abs_tol=1e-9)
     assert not engine.twins.active  # twins leave with their rows
+
+
+def test_rows_leaving_keep_every_rows_deltas(
+    setup: tuple[Engine, ProcessorEnv, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Control rows that end at different steps: the decode phase follows the kept rows
+    on the device (PhaseDeltas.select, no host rebuild) and every row still equals its
+    solo run; a leave step uploads a handful of small tensors, not the phase again."""
+    engine, env, tok = setup
+    cases = [CASES[0], CASES[2], CASES[4], CASES[6], CASES[1]]
+    reqs = [req(tok, env, p, s, f"l{i}", n=3 + 2 * i) for i, (p, s) in enumerate(cases)]
+    reqs.append(req(tok, env, "Say", [{"type": "control", "vector": "b", "alpha": 1.0,
+                                        "positions": {"after": "e"}}], "after", n=12))
+    solo = [run_together(engine, [r])[0][0] for r in reqs]
+    uploads: list[int] = []
+    made = [0]
+    real_tensor = torch.tensor
+
+    def counted(*a: Any, **k: Any) -> torch.Tensor:
+        made[0] += 1
+        return real_tensor(*a, **k)
+
+    real_step = engine._step
+
+    def step() -> None:
+        before, n0 = len(engine.rows), made[0]
+        real_step()
+        if 0 < len(engine.rows) < before:
+            uploads.append(made[0] - n0)
+
+    monkeypatch.setattr(torch, "tensor", counted)
+    monkeypatch.setattr(engine, "_step", step)
+    batched = run_together(engine, reqs)
+    for i, (toks, _) in enumerate(batched):
+        assert toks == solo[i], f"row {i} differs once others left"
+    assert len(uploads) >= 4
+    # Rebuilt from the host (build_phase) these leave steps upload 14-26 tensors; with
+    # the phase following the rows, 4-5 (kept-row indices, sampler and bias tables).
+    assert max(uploads) <= 6, uploads
