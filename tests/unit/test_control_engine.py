@@ -15,7 +15,7 @@ from processors.base import ProcessorEnv
 from processors.control import ControlProcessor, ControlVector, build_phase
 from processors.metrics import entropy_from_logp, kl_from_logp
 from processors.stack import parse_stack
-from server.engine import Engine, GenerationRequest, SamplingParams
+from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 from server.engine.hooks import ControlHooks
 from server.tiny import tiny_model
 from tests.conftest import run_together
@@ -254,3 +254,27 @@ def test_rows_leaving_keep_every_rows_deltas(
     # Rebuilt from the host (build_phase) these leave steps upload 14-26 tensors; with
     # the phase following the rows, 4-5 (kept-row indices, sampler and bias tables).
     assert max(uploads) <= 6, uploads
+
+
+def test_overlapped_decode_with_twins_equals_solo(setup: tuple[Engine, ProcessorEnv, Any]) -> None:
+    """Overlap (EngineConfig.overlap) with control rows, twins (diagnostics) and an
+    ``after`` row (whose steps fall back to decode-after-emit): tokens and diagnostics
+    equal the plain engine's solo runs."""
+    engine, env, tok = setup
+    reqs = [req(tok, env, p, s, f"v{i}", diagnostics="steps", n=4 + i)
+            for i, (p, s) in enumerate(CASES[:5])]
+    reqs.append(req(tok, env, "Say", [{"type": "control", "vector": "b", "alpha": 1.0,
+                                        "positions": {"after": "e"}}], "after", n=9))
+    solo = [run_together(engine, [r])[0] for r in reqs]
+    fast = Engine(engine.model, tok, EngineConfig(overlap=True))
+    fast.start()
+    try:
+        batched = run_together(fast, reqs)
+    finally:
+        fast.stop()
+    for i, ((t_s, f_s), (t_b, f_b)) in enumerate(zip(solo, batched, strict=True)):
+        assert t_b == t_s, f"row {i} differs with overlap"
+        if f_s.diagnostics is None:  # the "after" row asks for none
+            continue
+        for k, v in f_s.diagnostics["per_step"].items():
+            assert f_b.diagnostics["per_step"][k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
