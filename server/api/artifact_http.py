@@ -41,7 +41,6 @@ from server.artifacts import (
 
 log = logging.getLogger("steerserve.api")
 R = TypeVar("R")
-ARTIFACT_KINDS = ("priors", "control_vectors")  # ServerState.resources keys of registries
 
 
 def bad(param: str, message: str, status: int = 400) -> APIError:
@@ -57,9 +56,8 @@ def check_artifact_name(name: str) -> None:
         raise bad("name", str(err)) from None
 
 
-def registry(state: ServerState, key: str) -> ArtifactRegistry[Any]:
-    """The registry under ``state.resources[key]`` (attached with the model), or 503."""
-    reg = state.resources.get(key)
+def registry(reg: ArtifactRegistry[R] | None) -> ArtifactRegistry[R]:
+    """``reg`` (a ``ServerState`` registry, attached with the model), or 503 before."""
     if reg is None:
         raise APIError(503, "the server is still loading", headers={"Retry-After": "1"})
     return reg
@@ -148,11 +146,8 @@ def build_slots(state: ServerState) -> BuildSlots:
 
 def used_artifact_bytes(state: ServerState) -> int:
     """Stored bytes of every loaded artifact of every kind."""
-    return sum(
-        reg.loaded_bytes()
-        for key in ARTIFACT_KINDS
-        if isinstance(reg := state.resources.get(key), ArtifactRegistry)
-    )
+    registries: tuple[ArtifactRegistry[Any] | None, ...] = (state.priors, state.control_vectors)
+    return sum(reg.loaded_bytes() for reg in registries if reg is not None)
 
 
 def check_budget_room(state: ServerState) -> None:

@@ -229,7 +229,8 @@ def _plan(
     requests: list[GenerationRequest] = []
     for p, native in enumerate(natives):
         try:
-            base = to_generation_request(native, bundle, s, env, request_id=base_id)
+            base = to_generation_request(native, bundle, s, env, request_id=base_id,
+                                         aux=state.aux)
         except APIError as err:
             raise _remap_param(err, bool(body.logit_bias)) from None
         if ignored:

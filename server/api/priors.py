@@ -103,7 +103,7 @@ class CorpusCard(BaseModel):
 
 def registry(state: ServerState) -> ArtifactRegistry[NgramPrior]:
     """The loaded priors (attached with the model), or 503 while loading."""
-    return artifact_registry(state, "priors")
+    return artifact_registry(state.priors)
 
 
 def prior_card(

@@ -35,9 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 from processors.base import ParamError
 from processors.control import (
-    GEOMETRY,
     METHODS,
-    RESOURCE,
     ControlVector,
     check_layers,
     expand_template,
@@ -127,12 +125,21 @@ class VectorCreate(BaseModel):
 
 def registry(state: ServerState) -> ArtifactRegistry[ControlVector]:
     """The loaded control vectors (attached with the model), or 503 while loading."""
-    return artifact_registry(state, RESOURCE)
+    return artifact_registry(state.control_vectors)
+
+
+def _known_geometry(state: ServerState) -> tuple[int, int] | None:
+    """``(blocks, hidden size)`` of the serving model, None while loading."""
+    geo = state.geometry
+    return None if geo is None else (geo.num_layers, geo.hidden_size)
 
 
 def _geometry(state: ServerState) -> tuple[int, int]:
-    geo = state.resources.get(GEOMETRY) or {}
-    return int(geo["num_layers"]), int(geo["hidden_size"])
+    """``(blocks, hidden size)`` of the serving model, or 503 while loading."""
+    geo = _known_geometry(state)
+    if geo is None:
+        raise APIError(503, "the server is still loading", headers={"Retry-After": "1"})
+    return geo
 
 
 def vector_card(
@@ -458,7 +465,7 @@ async def export_gguf(name: str, state: StateDep) -> Response:
 async def list_vectors(state: StateDep) -> dict[str, Any]:
     """Every loaded vector, and the artifacts skipped as corrupt (name and reason)."""
     reg = registry(state)
-    geometry = _geometry(state) if state.resources.get(GEOMETRY) else None
+    geometry = _known_geometry(state)
     return await list_artifacts(reg, lambda vec: vector_card(reg, vec, geometry))
 
 
@@ -466,7 +473,7 @@ async def list_vectors(state: StateDep) -> dict[str, Any]:
 async def get_vector(name: str, state: StateDep) -> dict[str, Any]:
     """One vector: layers, hidden size, norms, method and per-layer separation."""
     reg = registry(state)
-    geometry = _geometry(state) if state.resources.get(GEOMETRY) else None
+    geometry = _known_geometry(state)
     return vector_card(reg, _lookup(reg, name), geometry)
 
 

@@ -408,12 +408,11 @@ class Engine:
         register what the host needs with the packer (nothing is copied yet)."""
         fwd = self.batch.next_logits  # (B, V) as the (possibly control-steered) forward gave
         base = self.twins.base_logits(fwd)  # unsteered logits for rows with a twin
-        ctx = StepContext(
-            base_logits=base, last_tokens=self.batch.last_tokens, want_stats=self._any_diag
-        )
+        aux_logits: dict[str, torch.Tensor] = {}
         if self.aux.active:  # fusion: the auxiliary models' logits of this step
-            keys = [r.handle.key for r in self.rows]
-            ctx.extras["aux_logits"] = self.aux.logits(keys, len(self.rows))
+            aux_logits = self.aux.logits([r.handle.key for r in self.rows], len(self.rows))
+        ctx = StepContext(base_logits=base, last_tokens=self.batch.last_tokens,
+                          want_stats=self._any_diag, aux_logits=aux_logits)
         steered = self.stack.apply(ctx, fwd) if self.stack.active else fwd
         # Hard bans (logit_bias -100) go last, after the sampler's penalties.
         tokens = self.sampler.sample(steered, self.batch.seen, self.stack.bans)  # (B,)
@@ -426,14 +425,11 @@ class Engine:
         if self._any_diag:
             stats = step_stats(base, steered, tokens)
             pack.add("diag", stats)
-            # Processors cannot know the emitted token in apply(); they register (B, V)
-            # tables under extras["token_stats"] and we gather them here (NaN = undefined).
-            idx = tokens.view(-1, 1)
-            for name, table in ctx.extras.get("token_stats", {}).items():
-                ctx.stats[name] = table.gather(1, idx).squeeze(1)
+            # Processors' stats, (B, V) tables read at the emitted tokens (NaN = undefined).
+            row_stats = ctx.row_stats(tokens)
             names = list(STEP_STAT_NAMES)
-            for k in sorted(ctx.stats):
-                pack.add(f"stat:{k}", ctx.stats[k])
+            for k in sorted(row_stats):
+                pack.add(f"stat:{k}", row_stats[k])
                 names.append(k)
         forward_stats = sorted(self.batch.next_stats)
         for k in forward_stats:
