@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -220,18 +221,27 @@ class EventStream:
             self.handle.cancel()
 
 
-def submit_all(
-    state: ServerState, engine: Engine, items: list[tuple[GenerationRequest, EventSink]]
-) -> list[RequestHandle]:
-    """``engine.submit_many`` with a full queue mapped to 429 and a dead engine to 503."""
+@contextlib.contextmanager
+def engine_errors(state: ServerState) -> Iterator[None]:
+    """Map the engine's refusals to HTTP: a full queue is 429 (``Retry-After``), an
+    engine that is not running 503. Every submission (requests, extraction jobs) goes
+    through this, so they fail alike."""
     try:
-        return engine.submit_many(items)
+        yield
     except QueueFullError as err:
         raise APIError(
             429, str(err), headers={"Retry-After": str(max(1, state.settings.retry_after_s))}
         ) from None
     except EngineUnavailableError as err:
         raise APIError(503, str(err), headers={"Retry-After": "5"}) from None
+
+
+def submit_all(
+    state: ServerState, engine: Engine, items: list[tuple[GenerationRequest, EventSink]]
+) -> list[RequestHandle]:
+    """``engine.submit_many`` with a full queue mapped to 429 and a dead engine to 503."""
+    with engine_errors(state):
+        return engine.submit_many(items)
 
 
 def submit(state: ServerState, engine: Engine, req: GenerationRequest) -> EventStream:

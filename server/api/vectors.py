@@ -12,6 +12,10 @@ repeng writes and llama.cpp reads; ``GET .../{name}/gguf`` exports one
 as artifacts (``server.artifacts``) under ``<data_dir>/control-vectors``, with the same
 rules as priors: atomic, checksummed, corrupt files reported and skipped.
 
+The extraction forwards are an engine job (``server.engine.extract``, via
+:func:`engine_states`): queued with the requests (a full queue is the same 429) and run
+by the engine thread between decode steps, so one loop owns the model.
+
 Limits come before work: the name is reserved first (409), the size of every text an
 extraction would build is computed from its parts (template, words, suffixes, chat
 wrapper) and refused with 413 before any string is built or tokenized, and a GGUF upload
@@ -25,6 +29,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,6 +53,7 @@ from processors.control_gguf import (
     write_control_gguf,
 )
 from server.api.artifact_http import (
+    BuildCancelled,
     bad,
     check_artifact_name,
     check_budget_room,
@@ -62,17 +68,17 @@ from server.api.artifact_http import registry as artifact_registry
 from server.api.convert import longest_token_chars
 from server.api.errors import APIError, artifact_or_404, error_responses
 from server.api.protocol import StrictBool, StrictStr
-from server.api.state import ServerState, StateDep
+from server.api.state import ServerState, StateDep, engine_errors
 from server.artifacts import ArtifactExistsError, ArtifactRegistry
+from server.engine import Engine
+from server.engine.extract import EXTRACT_BATCH, ExtractionJob, JobCancelled
 from server.engine.hooks import ControlHooks
-from server.engine.padding import attention_mask_4d, left_pad, model_takes_4d_mask
 
 log = logging.getLogger("steerserve.control")
 router = APIRouter()
 
 MAX_PAIRS = 1024  # pairs per extraction (texts run = 2 × pairs); more is a 413
 MAX_TEXT_TOKENS = 512  # tokens per pair text
-EXTRACT_BATCH = 16  # texts per forward
 _ERRORS = error_responses(400, 409, 413, 429, 503, 507)  # POST/PUT (507: disk/budget)
 _INLINE = re.compile(r"\{([^{}|]*)\|([^{}|]*)\}")  # expand_template's '{pos|neg}' form
 _READ_ERRORS = error_responses(404, 503)
@@ -278,7 +284,9 @@ def _encode(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
     return [list(r) for r in ids]
 
 
-@torch.inference_mode()
+States = Callable[[list[list[int]], list[int], threading.Event | None], dict[int, torch.Tensor]]
+
+
 def last_token_states(
     model: Any,
     prompts: list[list[int]],
@@ -286,32 +294,37 @@ def last_token_states(
     batch_size: int = EXTRACT_BATCH,
     cancel: threading.Event | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Each block's output at the last token of every prompt: layer → ``(N, D)`` float32.
-
-    Prompts run in left-padded batches with an explicit attention mask and position ids
-    from it (so padding never shifts positions). This runs on a worker thread, beside the
-    engine: the hooks' steering state is per thread, so neither sees the other's.
-    """
+    """Each block's output at the last token of every prompt: layer → ``(N, D)`` float32,
+    run on the calling thread — for offline use (benchmarks, tests) where no engine
+    decodes with this model; the server runs the same job through the engine
+    (:func:`engine_states`). Stops between forwards once ``cancel`` is set."""
     hooks = ControlHooks.install(model)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    if not dtype.is_floating_point:
-        dtype = torch.float32
-    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    for start in range(0, len(prompts), batch_size):
-        check_cancelled(cancel)  # an abandoned extraction stops between forwards
-        padded = left_pad(prompts[start : start + batch_size], device)
-        # Always the 4-D mask (no cache here, so a None mask would make transformers
-        # inspect the position ids on the host); no query row is fully masked.
-        mask: torch.Tensor = padded.mask
-        if model_takes_4d_mask(model.config):
-            mask = attention_mask_4d(padded.mask, padded.mask.shape[1], dtype)
-        with hooks.capture(layers) as states:
-            model(input_ids=padded.ids, attention_mask=mask, position_ids=padded.positions,
-                  use_cache=False, logits_to_keep=1)
-        for layer in layers:
-            out[layer].append(states[layer].cpu())
-    return {layer: torch.cat(parts, dim=0) for layer, parts in out.items()}
+    job = ExtractionJob(prompts, tuple(layers), batch_size)
+    while not job.finished:
+        check_cancelled(cancel)
+        job.run_chunk(model, hooks, max_tokens=batch_size * MAX_TEXT_TOKENS)
+    return job.wait()
+
+
+def engine_states(
+    state: ServerState,
+    engine: Engine,
+    prompts: list[list[int]],
+    layers: list[int],
+    cancel: threading.Event | None = None,
+) -> dict[int, torch.Tensor]:
+    """:func:`last_token_states` as an engine job (``server.engine.extract``): queued
+    with the requests (a full queue is the 429 a generation gets, a stopped engine the
+    503), its forwards run by the engine thread between decode steps, and abandoned —
+    before its next forward — once ``cancel`` is set (disconnect, ``build_timeout_s``).
+    Blocks the calling (build worker) thread until the job resolves."""
+    job = ExtractionJob(prompts, tuple(layers), cancel=cancel or threading.Event())
+    with engine_errors(state):
+        engine.submit_job(job)
+        try:
+            return job.wait()
+        except JobCancelled:
+            raise BuildCancelled from None
 
 
 def extract_vector(
@@ -320,9 +333,12 @@ def extract_vector(
     model: Any,
     tokenizer: Any,
     cancel: threading.Event | None = None,
+    states_of: States | None = None,
 ) -> ControlVector:
     """Tokenize the pairs, run them, fit one direction per layer (not yet stored).
-    Stops at the next stage once ``cancel`` is set."""
+    ``states_of(ids, layers, cancel)`` runs the forwards (the server passes
+    :func:`engine_states`; default :func:`last_token_states` on this thread). Stops at
+    the next stage once ``cancel`` is set."""
     t0 = time.perf_counter()
     pairs = _texts(body, tokenizer)
     flat = [t for pair in pairs for t in pair]  # positive, negative, positive, ...
@@ -330,7 +346,10 @@ def extract_vector(
     ids = _encode(tokenizer, flat, body.chat)
     log.info("control vector '%s': %d pairs, %d layers, %s", body.name, len(pairs), len(layers),
              body.method)
-    states = last_token_states(model, ids, layers, cancel=cancel)
+    if states_of is None:
+        states = last_token_states(model, ids, layers, cancel=cancel)
+    else:
+        states = states_of(ids, layers, cancel)
     pos = {k: v[0::2] for k, v in states.items()}
     neg = {k: v[1::2] for k, v in states.items()}
     fits = fit_layers(pos, neg, body.method)
@@ -365,7 +384,7 @@ def _layers(body: VectorCreate, num_layers: int) -> list[int]:
 @router.post("/v1/control-vectors", status_code=201, responses=_ERRORS)
 async def create_vector(body: VectorCreate, request: Request, state: StateDep) -> JSONResponse:
     """Extract a control vector from contrastive pairs (201, with per-layer separation)."""
-    bundle, _, _ = state.ready()
+    bundle, engine, _ = state.ready()
     reg = registry(state)
     geometry = _geometry(state)
     check_artifact_name(body.name)
@@ -379,7 +398,8 @@ async def create_vector(body: VectorCreate, request: Request, state: StateDep) -
             vec = await run_build(
                 state, request, f"control vector '{body.name}'",
                 lambda cancel: extract_vector(
-                    body, layers, bundle.model, bundle.tokenizer, cancel
+                    body, layers, bundle.model, bundle.tokenizer, cancel,
+                    states_of=lambda ids, ls, c: engine_states(state, engine, ids, ls, c),
                 ),
             )
             stored = await store_artifact(state, reg, body.name, vec)
