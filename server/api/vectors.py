@@ -30,7 +30,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from fastapi import APIRouter, Request
@@ -53,7 +53,10 @@ from processors.control_gguf import (
     write_control_gguf,
 )
 from server.api.artifact_http import (
+    STORED_AT,
     BuildCancelled,
+    Deleted,
+    Skipped,
     bad,
     check_artifact_name,
     check_budget_room,
@@ -63,6 +66,7 @@ from server.api.artifact_http import (
     record_fields,
     run_build,
     store_artifact,
+    wire,
 )
 from server.api.artifact_http import registry as artifact_registry
 from server.api.convert import longest_token_chars
@@ -148,10 +152,54 @@ def _geometry(state: ServerState) -> tuple[int, int]:
     return geo
 
 
+class LayerSeparation(BaseModel):
+    """One fitted layer's report (``processors.control.LayerFit.report``)."""
+
+    layer: int
+    separation: float
+    accuracy: float
+    gap: float
+    explained: float
+
+
+class ControlVectorCard(BaseModel):
+    """A stored control vector (``GET /v1/control-vectors/{name}``); the build facts
+    are there when the vector has them (an imported GGUF has no separation)."""
+
+    name: str
+    object: Literal["control_vector"] = "control_vector"
+    layers: list[int]
+    hidden_size: int
+    model_hint: str
+    norms: dict[str, float] = Field(description="Each layer's direction norm (layer → L2).")
+    compatible: bool | None = Field(
+        None, description="Whether the serving model can apply it (hidden size, layers)."
+    )
+    source: str | None = Field(None, description="extracted | gguf")
+    method: str | None = None
+    pairs: int | None = None
+    separation: list[LayerSeparation] | None = Field(
+        None, description="How well each fitted layer's direction separates the pairs."
+    )
+    best_layers: list[int] | None = None
+    build_seconds: float | None = None
+    created_at: float | None = Field(None, description=STORED_AT)
+    file_bytes: int | None = None
+    sha256: str | None = None
+
+
+class ControlVectorList(BaseModel):
+    """``GET /v1/control-vectors``."""
+
+    object: Literal["list"] = "list"
+    data: list[ControlVectorCard]
+    skipped: list[Skipped]
+
+
 def vector_card(
     reg: ArtifactRegistry[ControlVector], vec: ControlVector, geometry: tuple[int, int] | None
-) -> dict[str, Any]:
-    """The JSON description of a vector (``GET /v1/control-vectors/{name}``)."""
+) -> ControlVectorCard:
+    """The description of a vector (``GET /v1/control-vectors/{name}``)."""
     info = dict(vec.info)
     card: dict[str, Any] = {
         "name": vec.name,
@@ -169,7 +217,7 @@ def vector_card(
         if key in info:
             card[key] = info[key]
     card.update(record_fields(reg, vec.name))
-    return card
+    return ControlVectorCard(**card)
 
 
 _bad = bad
@@ -381,7 +429,8 @@ def _layers(body: VectorCreate, num_layers: int) -> list[int]:
     return layers
 
 
-@router.post("/v1/control-vectors", status_code=201, responses=_ERRORS)
+@router.post("/v1/control-vectors", status_code=201, response_model=ControlVectorCard,
+             responses=_ERRORS)
 async def create_vector(body: VectorCreate, request: Request, state: StateDep) -> JSONResponse:
     """Extract a control vector from contrastive pairs (201, with per-layer separation)."""
     bundle, engine, _ = state.ready()
@@ -407,11 +456,11 @@ async def create_vector(body: VectorCreate, request: Request, state: StateDep) -
         raise _bad("name", str(err), 409) from None
     log.info("control vector '%s': stored (%d bytes) after %.2f s", body.name, stored.bytes,
              vec.info["build_seconds"])
-    return JSONResponse(vector_card(reg, vec, geometry), status_code=201)
+    return wire(vector_card(reg, vec, geometry), 201)
 
 
-@router.put("/v1/control-vectors/{name}/gguf", status_code=201, responses=_ERRORS,
-            openapi_extra=_GGUF_BODY)
+@router.put("/v1/control-vectors/{name}/gguf", status_code=201,
+            response_model=ControlVectorCard, responses=_ERRORS, openapi_extra=_GGUF_BODY)
 async def import_gguf(name: str, request: Request, state: StateDep) -> JSONResponse:
     """Import a control-vector GGUF file sent as the raw body (201).
 
@@ -443,7 +492,7 @@ async def import_gguf(name: str, request: Request, state: StateDep) -> JSONRespo
             await store_artifact(state, reg, name, vec)
     except ArtifactExistsError as err:
         raise _bad("name", str(err), 409) from None
-    return JSONResponse(vector_card(reg, vec, geometry), status_code=201)
+    return wire(vector_card(reg, vec, geometry), 201)
 
 
 async def _bounded_body(request: Request, limit: int) -> bytes:
@@ -481,23 +530,26 @@ async def export_gguf(name: str, state: StateDep) -> Response:
     )
 
 
-@router.get("/v1/control-vectors", responses=error_responses(503))
-async def list_vectors(state: StateDep) -> dict[str, Any]:
+@router.get("/v1/control-vectors", response_model=ControlVectorList,
+            responses=error_responses(503))
+async def list_vectors(state: StateDep) -> JSONResponse:
     """Every loaded vector, and the artifacts skipped as corrupt (name and reason)."""
     reg = registry(state)
     geometry = _known_geometry(state)
-    return await list_artifacts(reg, lambda vec: vector_card(reg, vec, geometry))
+    cards, skipped = await list_artifacts(reg, lambda vec: vector_card(reg, vec, geometry))
+    return wire(ControlVectorList(object="list", data=cards, skipped=skipped))
 
 
-@router.get("/v1/control-vectors/{name}", responses=_READ_ERRORS)
-async def get_vector(name: str, state: StateDep) -> dict[str, Any]:
+@router.get("/v1/control-vectors/{name}", response_model=ControlVectorCard,
+            responses=_READ_ERRORS)
+async def get_vector(name: str, state: StateDep) -> JSONResponse:
     """One vector: layers, hidden size, norms, method and per-layer separation."""
     reg = registry(state)
     geometry = _known_geometry(state)
-    return vector_card(reg, _lookup(reg, name), geometry)
+    return wire(vector_card(reg, _lookup(reg, name), geometry))
 
 
-@router.delete("/v1/control-vectors/{name}", responses=_READ_ERRORS)
-async def delete_vector(name: str, state: StateDep) -> dict[str, Any]:
+@router.delete("/v1/control-vectors/{name}", response_model=Deleted, responses=_READ_ERRORS)
+async def delete_vector(name: str, state: StateDep) -> JSONResponse:
     """Delete a vector (also one skipped as corrupt). Running requests keep theirs."""
     return await delete_artifact(registry(state), name, "control vector", "control_vector")
