@@ -322,7 +322,8 @@ def test_extraction_is_an_engine_job_bounded_and_cancellable(
 
     from server.engine.extract import ExtractionJob
 
-    settings = Settings(model="random:tiny", data_dir=tmp_path, max_queue=2, build_timeout_s=1.0)
+    settings = Settings(model="random:tiny", data_dir=tmp_path, max_queue=2,
+                        build_timeout_s=2.0)
     app = create_app(settings, bundle=bundle)
     seen: list[str] = []  # thread of every forward without a cache (extraction)
     started, release = threading.Event(), threading.Event()
