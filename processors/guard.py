@@ -34,7 +34,7 @@ mask removed (``guard_masked_mass``) go to the per-step diagnostics.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,11 +50,17 @@ from processors.base import (
 )
 from processors.stack import register
 
-#: Evaluations of ``K(s)`` per step (the first at ``s = 1``); each costs a few passes over
-#: ``(B, V)``. Six keep the guard near its step-time target at batch 8.
+#: Most evaluations of ``K(s)`` per step (the first at ``s = 1``); each is a few passes
+#: over the row's support. Rows usually settle in 2–4 (``SETTLE``).
 NEWTON_EVALS = 6
 #: Newton aims at ``K = AIM · ε`` so that it converges to a feasible ``s``.
 AIM = 0.98
+#: A row is settled once its best feasible ``K ≥ SETTLE · AIM · ε`` (``s`` then within
+#: about 1 % of the optimum): it stops changing and needs no more evaluations.
+SETTLE = 0.99
+#: The plausibility mask works on a gathered support when the largest row keeps at most
+#: this fraction of the vocabulary (it usually keeps a handful of tokens).
+GATHER_FRACTION = 0.25
 #: How far (nats) below the row's best logit a removed token is put: exp(−1e4) is 0.
 MASK_DEPTH = 1.0e4
 #: Largest accepted ``kl_budget`` (nats); no real budget is near it.
@@ -69,12 +75,20 @@ class GuardSpec:
     kl_budget: float | None
 
 
-def kl_curve(a: torch.Tensor, d: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def moments_basis(d: torch.Tensor) -> torch.Tensor:
+    """``(B, V, 3)`` stack of ``[1, d, d²]``: one batched matrix product with it gives a
+    row's mass, first and second moment of ``d`` in one pass over the weights."""
+    return torch.stack([torch.ones_like(d), d, d * d], dim=-1)
+
+
+def kl_curve(a: torch.Tensor, d: torch.Tensor, basis: torch.Tensor,
+             s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``K(s)`` and ``s² Var_s[d]`` for each row.
 
     Args:
         a: ``(B, V)`` float32 log-probabilities of ``P_S`` (``-inf`` outside ``S``).
         d: ``(B, V)`` float32 steering direction ``L − b`` (0 outside ``S``).
+        basis: ``(B, V, 3)`` :func:`moments_basis` of ``d``.
         s: ``(B, 1)`` float32 interpolation weights.
 
     Returns:
@@ -82,11 +96,11 @@ def kl_curve(a: torch.Tensor, d: torch.Tensor, s: torch.Tensor) -> tuple[torch.T
     """
     z = torch.addcmul(a, d, s)  # (B, V) a + s·d
     zmax = z.amax(dim=-1, keepdim=True)
-    e = torch.exp(z - zmax)  # (B, V), 0 outside S
-    total = e.sum(dim=-1, keepdim=True)
-    ed = e * d
-    m1 = ed.sum(dim=-1, keepdim=True) / total  # E_s[d]
-    m2 = (ed * d).sum(dim=-1, keepdim=True) / total  # E_s[d²]
+    e = z.sub_(zmax).exp_()  # (B, V) unnormalized P̃_s, 0 outside S (in place: no copy)
+    mom = torch.bmm(e.unsqueeze(1), basis).squeeze(1)  # (B, 3): Σe, Σe·d, Σe·d²
+    total = mom[:, 0:1]
+    m1 = mom[:, 1:2] / total  # E_s[d]
+    m2 = mom[:, 2:3] / total  # E_s[d²]
     lse = zmax + torch.log(total)
     kl = (s * m1 - lse).clamp(min=0.0)
     slope = s * s * (m2 - m1 * m1).clamp(min=0.0)
@@ -101,8 +115,12 @@ def budget_weights(
     ``a``, ``d`` as in :func:`kl_curve`; ``eps (B, 1)`` (``+inf`` = no budget: ``s = 1``).
     Newton on ``log K`` against ``log s`` from ``s = 1`` (module docstring); every
     evaluated point that meets the budget is a candidate, so the result is feasible.
-    Returns ``(s, K(s))``, each ``(B, 1)`` float32.
+    A row is *settled* once ``s = 1`` fits or its best ``K`` is within ``SETTLE`` of the
+    aim; settled rows stop changing (so a row's answer never depends on the other rows of
+    the batch) and the loop ends early when every row is settled (one host sync per
+    evaluation). Returns ``(s, K(s))``, each ``(B, 1)`` float32.
     """
+    basis = moments_basis(d)
     # Aim a little inside the budget: Newton may converge from either side, and an aim of
     # ε·AIM puts its limit strictly inside, so late iterates are feasible (s ≈ 1% short).
     log_eps = torch.log(eps * AIM)
@@ -111,15 +129,19 @@ def budget_weights(
     best_kl = torch.zeros_like(eps)
     hi = torch.full_like(eps, 2.0)  # the smallest s known to break it (2 = none yet)
     hi_kl = torch.full_like(eps, math.inf)
+    settled = torch.zeros_like(eps, dtype=torch.bool)
     for _ in range(NEWTON_EVALS if evals is None else evals):
-        kl, slope = kl_curve(a, d, s)
+        kl, slope = kl_curve(a, d, basis, s)
         ok = kl <= eps
-        better = ok & (s > best_s)
+        better = ok & (s > best_s) & ~settled
         best_s = torch.where(better, s, best_s)
         best_kl = torch.where(better, kl, best_kl)
         new_hi = ~ok & (s < hi)
         hi = torch.where(new_hi, s, hi)
         hi_kl = torch.where(new_hi, kl, hi_kl)
+        settled = settled | (best_s >= 1.0) | (best_kl >= SETTLE * AIM * eps)
+        if bool(settled.all()):
+            break
         # Newton in (log s, log K). Where K rounds to 0 the curve is in its s² regime.
         tiny = kl < 1e-12
         log_kl = torch.log(kl.clamp(min=1e-30))
@@ -184,6 +206,7 @@ class Guard(Processor[GuardSpec]):
     def update_state(self, specs: Sequence[GuardSpec | None]) -> None:
         used = [s is not None for s in specs]
         self._active = any(used)
+        self.all_rows = all(used)
         dev = self.device
         self.rows = torch.tensor(used, dtype=torch.bool, device=dev).view(-1, 1)  # (B, 1)
         # log β per row; -inf = no mask (rows without the guard, or without the rule).
@@ -192,6 +215,11 @@ class Guard(Processor[GuardSpec]):
              for s in specs],
             dtype=torch.float32, device=dev,
         ).view(-1, 1)
+        # The mask's cut below each row's best frozen logit: log β, -inf (keep all) for a
+        # guarded row without the rule, +inf (keep none) for a row without the guard, so
+        # that rows the guard leaves alone do not widen the gathered support.
+        self.cut_offset = torch.where(self.rows.view(-1), self.log_beta.view(-1),
+                                      torch.tensor(math.inf, device=dev)).view(-1, 1)
         self.eps = torch.tensor(
             [s.kl_budget if s and s.kl_budget else float("inf") for s in specs],
             dtype=torch.float32, device=dev,
@@ -202,34 +230,92 @@ class Guard(Processor[GuardSpec]):
     def apply(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
         base = ctx.base_logits.float()  # (B, V)
         steered = logits.float()
-        allowed = torch.isfinite(steered)  # (B, V) an earlier hard ban stays banned
         if self.any_mask:
-            cut = base.amax(dim=-1, keepdim=True) + self.log_beta  # (B, 1)
-            allowed = allowed & (base >= cut)
+            cut = base.amax(dim=-1, keepdim=True) + self.cut_offset  # (B, 1)
+            keep = base >= cut  # (B, V)
+            # One host sync: the widest row's support decides the gathered width.
+            k = max(int(keep.sum(dim=-1).max()), 1)
+            if k <= GATHER_FRACTION * base.shape[-1]:
+                return self._apply_gathered(ctx, base, steered, cut, k).to(logits.dtype)
+            allowed = keep & torch.isfinite(steered)
+        else:
+            allowed = torch.isfinite(steered)  # (B, V) an earlier hard ban stays banned
+        return self._apply_full(ctx, base, steered, allowed).to(logits.dtype)
+
+    def _apply_gathered(self, ctx: StepContext, base: torch.Tensor, steered: torch.Tensor,
+                        cut: torch.Tensor, k: int) -> torch.Tensor:
+        """The guard on the ``k`` best frozen-model tokens of each row ``(B, k)``: every
+        token the mask keeps is among them, and the rest of the row is the floor. Same
+        result as :meth:`_apply_full` (the dropped tokens have weight exactly 0 there)."""
+        bg, idx = base.topk(k, dim=-1)  # (B, k)
+        sg = steered.gather(-1, idx)  # (B, k)
+        plausible = bg >= cut
+        allowed = plausible & torch.isfinite(sg)
+        # A row whose steering banned every plausible token keeps its steered logits.
+        empty = ~allowed.any(dim=-1, keepdim=True)  # (B, 1)
+        use = self.rows & ~empty
+        d = torch.where(allowed, sg - bg, torch.zeros_like(bg))  # (B, k)
+        if self.any_budget:
+            # Empty rows compute on the plausible set (finite, then discarded).
+            support = allowed | (empty & plausible)
+            a = torch.log_softmax(bg.masked_fill(~support, float("-inf")), dim=-1)
+            s, kl = budget_weights(a, d, self.eps)
+            og = torch.addcmul(bg, d, s)
+        else:
+            s = kl = torch.ones_like(self.eps)
+            og = sg
+        floor = og.masked_fill(~allowed, float("-inf")).amax(dim=-1, keepdim=True) - MASK_DEPTH
+        og = torch.where(use, torch.where(allowed, og, floor), sg)
+        out = torch.where(use, floor, steered)  # (B, V): guarded rows start at the floor
+        out.scatter_(-1, idx, og)
+        if ctx.want_stats:
+            self._stats(ctx, use, s, kl, lambda: 1.0 - (
+                torch.exp(bg - torch.logsumexp(base, dim=-1, keepdim=True)) * allowed
+            ).sum(dim=-1, keepdim=True).clamp(max=1.0))
+        return out
+
+    def _apply_full(self, ctx: StepContext, base: torch.Tensor, steered: torch.Tensor,
+                    allowed: torch.Tensor) -> torch.Tensor:
+        """The guard over the whole vocabulary; ``allowed (B, V)`` is the support ``S``."""
         # A row whose steering banned every plausible token keeps its steered logits.
         empty = ~allowed.any(dim=-1, keepdim=True)  # (B, 1)
         allowed = allowed | (empty & torch.isfinite(steered))
-        d = torch.where(allowed, steered - base, torch.zeros_like(base))  # (B, V)
+        # One host sync: without any ban or mask the support is the whole row, and the
+        # masking passes can be skipped.
+        full = bool(allowed.all())
+        if full:
+            d = steered - base
+        else:
+            d = torch.where(allowed, steered - base, torch.zeros_like(base))  # (B, V)
         if self.any_budget:
-            a = torch.log_softmax(base.masked_fill(~allowed, float("-inf")), dim=-1)
+            masked = base if full else base.masked_fill(~allowed, float("-inf"))
+            a = torch.log_softmax(masked, dim=-1)
             s, kl = budget_weights(a, d, self.eps)
             out = torch.addcmul(base, d, s)
         else:
             s = kl = torch.ones_like(self.eps)
             out = steered
-        floor = out.masked_fill(~allowed, float("-inf")).amax(dim=-1, keepdim=True) - MASK_DEPTH
-        out = torch.where(allowed, out, floor)
-        out = torch.where(self.rows & ~empty, out, steered).to(logits.dtype)
+        if not full:
+            floor = (out.masked_fill(~allowed, float("-inf")).amax(dim=-1, keepdim=True)
+                     - MASK_DEPTH)
+            out = torch.where(allowed, out, floor)
+        use = self.rows & ~empty
+        if not (self.all_rows and full):
+            out = torch.where(use, out, steered)
         if ctx.want_stats:
-            use = self.rows & ~empty
-            self._stat(ctx, "guard_s", use, s)
-            if self.any_budget:
-                self._stat(ctx, "guard_kl", use & (self.eps < math.inf), kl)
-            if self.any_mask:
-                p0 = torch.softmax(base, dim=-1)
-                removed = (p0 * (~allowed).float()).sum(dim=-1, keepdim=True)
-                self._stat(ctx, "guard_masked_mass", use & (self.log_beta > -math.inf), removed)
+            self._stats(ctx, use, s, kl, lambda: (
+                torch.softmax(base, dim=-1) * (~allowed).float()).sum(dim=-1, keepdim=True))
         return out
+
+    def _stats(self, ctx: StepContext, use: torch.Tensor, s: torch.Tensor, kl: torch.Tensor,
+               masked_mass: Callable[[], torch.Tensor]) -> None:
+        """Per-step diagnostics for the rows ``use (B, 1)`` the guard acted on."""
+        self._stat(ctx, "guard_s", use, s)
+        if self.any_budget:
+            self._stat(ctx, "guard_kl", use & (self.eps < math.inf), kl)
+        if self.any_mask:
+            self._stat(ctx, "guard_masked_mass", use & (self.log_beta > -math.inf),
+                       masked_mass())
 
     @staticmethod
     def _stat(ctx: StepContext, name: str, rows: torch.Tensor, value: torch.Tensor) -> None:
