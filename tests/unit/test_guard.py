@@ -74,8 +74,11 @@ def random_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float
     return base.astype(np.float32), steered.astype(np.float32), float(rng.uniform(0.01, 0.5))
 
 
-@pytest.mark.parametrize("beta", [None, 0.05])
-def test_kl_budget_matches_brute_force(beta: float | None) -> None:
+# GATHER_FRACTION 0 forces the whole-vocabulary path, 1 the gathered-support one.
+@pytest.mark.parametrize(("beta", "gather"), [(None, 0.0), (0.05, 0.0), (0.05, 1.0)])
+def test_kl_budget_matches_brute_force(beta: float | None, gather: float,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guard_mod, "GATHER_FRACTION", gather)
     rng = np.random.default_rng(0 if beta is None else 1)
     shortfalls = []
     for _ in range(120):
@@ -109,7 +112,10 @@ def test_more_newton_steps_reach_the_brute_force_optimum(monkeypatch: pytest.Mon
         assert float(ctx.stats["guard_s"][0]) == pytest.approx(s_star, abs=0.03)
 
 
-def test_plausibility_mask_matches_the_definition() -> None:
+@pytest.mark.parametrize("gather", [0.0, 1.0])
+def test_plausibility_mask_matches_the_definition(gather: float,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guard_mod, "GATHER_FRACTION", gather)
     rng = np.random.default_rng(3)
     for beta in (0.01, 0.1, 0.5, 0.9):
         base = (rng.normal(size=(4, 32)) * 3).astype(np.float32)
@@ -142,6 +148,23 @@ def test_hand_built_budget_and_untouched_rows() -> None:
     steered_ban[1, 0] = float("-inf")
     out, ctx = apply(base[1:2], steered_ban[1:2], [GuardSpec(None, 50.0)])
     assert out[0, 0] < -1000 and torch.equal(out[0, 1:], steered[1, 1:])
+
+
+@pytest.mark.parametrize("gather", [0.0, 1.0])
+def test_mask_leaves_unguarded_and_fully_banned_rows_alone(
+        gather: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guard_mod, "GATHER_FRACTION", gather)
+    base = torch.tensor([[3.0, 0.0, 2.9, -5.0, 1.0, 0.0, 0.0, 0.0]] * 3)
+    steered = base + torch.tensor([[0.0, 9.0, 0.0, 9.0, 0.0, 0.0, 0.0, 0.0]] * 3)
+    steered[2, 0] = steered[2, 2] = float("-inf")  # row 2: steering banned both plausible
+    out, ctx = apply(base, steered, [GuardSpec(0.5, 0.3), None, GuardSpec(0.5, None)])
+    assert torch.equal(out[1], steered[1]) and torch.equal(out[2], steered[2])
+    q = torch.softmax(out[0].double(), dim=-1)
+    assert torch.all(q[[1, 3, 4, 5, 6, 7]] == 0.0)  # only tokens 0 and 2 are plausible
+    assert torch.equal(out[0, [0, 2]], steered[0, [0, 2]])  # d = 0 there: nothing to pull
+    assert ctx.stats["guard_masked_mass"][0].item() == pytest.approx(
+        1.0 - torch.softmax(base[0].double(), -1)[[0, 2]].sum().item(), abs=1e-6)
+    assert torch.isnan(ctx.stats["guard_s"][1:]).all()
 
 
 def test_validation_names_the_field() -> None:
