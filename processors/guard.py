@@ -24,9 +24,14 @@ exponential family, so ``K(s) = KL(P̃_s ‖ P_S) = s·E_s[d] − log Σ exp(a +
 ``K'(s) = s · Var_s[d] ≥ 0``: ``K`` rises monotonically from ``K(0) = 0``. Near 0 it grows
 like ``s²``, far out like ``s``, so ``log K`` is close to linear in ``log s``; Newton's method
 on ``g(t) = log K(eᵗ) − log ε`` (slope ``s² Var_s[d] / K``) starting at ``s = 1`` converges
-in a few steps, typically from the feasible side. It runs ``NEWTON_EVALS`` evaluations
-batched over all rows (pure tensor code: no per-row loop, no host sync) and keeps the
-largest *evaluated* ``s`` whose ``K(s) ≤ ε`` (0 when none), so the budget always holds.
+in a few steps, typically from the feasible side. It runs at most ``NEWTON_EVALS``
+evaluations batched over all rows (no per-row loop; one host sync per evaluation to stop
+once every row has settled, see :func:`budget_weights`) and keeps the largest *evaluated*
+``s`` whose ``K(s) ≤ ε`` (0 when none), so the budget always holds.
+
+Cost: with the mask on, only the tokens it keeps matter (the rest have weight exactly 0),
+so the work runs on ``(B, k)`` gathered by one ``topk``, ``k`` the widest row's kept count
+(typically a handful of the 49152); with ``kl_budget`` alone it runs on ``(B, V)``.
 The chosen ``s`` (``guard_s``), the achieved ``K`` (``guard_kl``) and the frozen mass the
 mask removed (``guard_masked_mass``) go to the per-step diagnostics.
 """
