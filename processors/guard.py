@@ -3,14 +3,18 @@
 A stack-level entry, placed last (after ``margin`` when both are present). Whatever ran
 before it (an n-gram prior, fusion, a logit bias, or a control vector in the forward
 pass) produced the steered logits ``L (B, V)``; the frozen model's are
-``ctx.base_logits`` ``b (B, V)`` (for control-steered rows the unsteered twin's). Two
-rules, each optional, composed in this order:
+``ctx.base_logits`` ``b (B, V)`` (for control-steered rows the unsteered twin's). Three
+rules, each optional (at least one), composed in this order:
 
 * ``plausibility`` β ∈ (0, 1) — the adaptive plausibility constraint of contrastive
   decoding: tokens ``j`` with ``P(j) < β · max_k P(k)`` under the frozen model (that is
   ``b_j < max b + log β``) are removed, so steering only chooses among tokens the frozen
   model finds plausible. Removed tokens get a finite floor ``MASK_DEPTH`` nats below the
   row's best logit: probability exactly 0 in float32, while every diagnostic stays finite.
+* ``entropy_scale`` h > 0 (nats) — steer more where the frozen model is uncertain: the
+  steering direction ``L − b`` of each row is scaled by ``w = min(1, H(P) / h)``, ``H(P)``
+  the frozen model's entropy at this step (full vocabulary), so a confident step keeps
+  little of the steering and a step at entropy ``≥ h`` keeps all of it.
 * ``kl_budget`` ε > 0 (nats) — per row and step the steered logits are pulled back toward
   the frozen ones, ``b + s · (L − b)`` with the largest ``s ∈ [0, 1]`` such that
   ``KL(P̃_s ‖ P_S) ≤ ε``, where ``P_S`` is the frozen distribution renormalized on the
@@ -29,11 +33,14 @@ evaluations batched over all rows (no per-row loop; one host sync per evaluation
 once every row has settled, see :func:`budget_weights`) and keeps the largest *evaluated*
 ``s`` whose ``K(s) ≤ ε`` (0 when none), so the budget always holds.
 
+The budget acts on the entropy-scaled direction ``w·d``. The total weight ``w·s``
+(``guard_s``, 1 = steering untouched), the achieved ``K`` (``guard_kl``) and the frozen
+mass the mask removed (``guard_masked_mass``) go to the per-step diagnostics.
+
 Cost: with the mask on, only the tokens it keeps matter (the rest have weight exactly 0),
 so the work runs on ``(B, k)`` gathered by one ``topk``, ``k`` the widest row's kept count
-(typically a handful of the 49152); with ``kl_budget`` alone it runs on ``(B, V)``.
-The chosen ``s`` (``guard_s``), the achieved ``K`` (``guard_kl``) and the frozen mass the
-mask removed (``guard_masked_mass``) go to the per-step diagnostics.
+(typically a handful of the 49152); with ``kl_budget`` alone it runs on ``(B, V)``;
+``entropy_scale`` adds one softmax over ``(B, V)``.
 """
 
 from __future__ import annotations
@@ -70,6 +77,8 @@ GATHER_FRACTION = 0.25
 MASK_DEPTH = 1.0e4
 #: Largest accepted ``kl_budget`` (nats); no real budget is near it.
 MAX_KL_BUDGET = 100.0
+#: Largest accepted ``entropy_scale`` (nats): ln 49152 ≈ 10.8 is the most any row can have.
+MAX_ENTROPY_SCALE = 20.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,7 @@ class GuardSpec:
 
     plausibility: float | None
     kl_budget: float | None
+    entropy_scale: float | None = None
 
 
 def moments_basis(d: torch.Tensor) -> torch.Tensor:
@@ -189,8 +199,8 @@ class Guard(Processor[GuardSpec]):
 
     @classmethod
     def validate(cls, params: Mapping[str, Any], env: ProcessorEnv) -> GuardSpec:
-        check_keys(params, {"plausibility", "kl_budget"})
-        beta = eps = None
+        check_keys(params, {"plausibility", "kl_budget", "entropy_scale"})
+        beta = eps = h = None
         if params.get("plausibility") is not None:
             beta = get_number(params, "plausibility", 0.0, lo=0.0, hi=1.0, lo_open=True)
             if beta >= 1.0:
@@ -201,12 +211,16 @@ class Guard(Processor[GuardSpec]):
             eps = get_number(
                 params, "kl_budget", 0.0, lo=0.0, hi=MAX_KL_BUDGET, lo_open=True
             )
-        if beta is None and eps is None:
+        if params.get("entropy_scale") is not None:
+            h = get_number(params, "entropy_scale", 0.0, lo=0.0, hi=MAX_ENTROPY_SCALE,
+                           lo_open=True)
+        if beta is None and eps is None and h is None:
             raise ParamError(
                 "plausibility",
-                "a 'guard' entry needs 'plausibility' (in (0, 1)) or 'kl_budget' (nats, > 0)",
+                "a 'guard' entry needs 'plausibility' (in (0, 1)), 'kl_budget' (nats, > 0) "
+                "or 'entropy_scale' (nats, > 0)",
             )
-        return GuardSpec(beta, eps)
+        return GuardSpec(beta, eps, h)
 
     def update_state(self, specs: Sequence[GuardSpec | None]) -> None:
         used = [s is not None for s in specs]
@@ -229,8 +243,23 @@ class Guard(Processor[GuardSpec]):
             [s.kl_budget if s and s.kl_budget else float("inf") for s in specs],
             dtype=torch.float32, device=dev,
         ).view(-1, 1)
+        # Entropy at which a row gets its full steering; +inf = rule off (weight 1).
+        self.h_full = torch.tensor(
+            [s.entropy_scale if s and s.entropy_scale else float("inf") for s in specs],
+            dtype=torch.float32, device=dev,
+        ).view(-1, 1)
         self.any_mask = any(s is not None and s.plausibility for s in specs)
         self.any_budget = any(s is not None and s.kl_budget for s in specs)
+        self.any_entropy = any(s is not None and s.entropy_scale for s in specs)
+
+    def entropy_weight(self, base: torch.Tensor) -> torch.Tensor:
+        """``min(1, H(P) / entropy_scale)`` per row ``(B, 1)`` (1 without the rule), from the
+        frozen model's full distribution ``P = softmax(base)``, ``base (B, V)``."""
+        if not self.any_entropy:
+            return torch.ones_like(self.eps)
+        lp = torch.log_softmax(base, dim=-1)  # (B, V)
+        h = -(lp.exp() * lp).sum(dim=-1, keepdim=True)  # (B, 1) nats
+        return torch.where(self.h_full < math.inf, (h / self.h_full).clamp(max=1.0), 1.0)
 
     def apply(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
         base = ctx.base_logits.float()  # (B, V)
@@ -259,7 +288,8 @@ class Guard(Processor[GuardSpec]):
         # A row whose steering banned every plausible token keeps its steered logits.
         empty = ~allowed.any(dim=-1, keepdim=True)  # (B, 1)
         use = self.rows & ~empty
-        d = torch.where(allowed, sg - bg, torch.zeros_like(bg))  # (B, k)
+        w = self.entropy_weight(base)  # (B, 1)
+        d = torch.where(allowed, sg - bg, torch.zeros_like(bg)) * w  # (B, k)
         if self.any_budget:
             # Empty rows compute on the plausible set (finite, then discarded).
             support = allowed | (empty & plausible)
@@ -268,7 +298,8 @@ class Guard(Processor[GuardSpec]):
             og = torch.addcmul(bg, d, s)
         else:
             s = kl = torch.ones_like(self.eps)
-            og = sg
+            og = torch.addcmul(bg, d, s) if self.any_entropy else sg
+        s = s * w
         floor = og.masked_fill(~allowed, float("-inf")).amax(dim=-1, keepdim=True) - MASK_DEPTH
         og = torch.where(use, torch.where(allowed, og, floor), sg)
         out = torch.where(use, floor, steered)  # (B, V): guarded rows start at the floor
@@ -292,6 +323,9 @@ class Guard(Processor[GuardSpec]):
             d = steered - base
         else:
             d = torch.where(allowed, steered - base, torch.zeros_like(base))  # (B, V)
+        w = self.entropy_weight(base)  # (B, 1)
+        if self.any_entropy:
+            d = d * w
         if self.any_budget:
             masked = base if full else base.masked_fill(~allowed, float("-inf"))
             a = torch.log_softmax(masked, dim=-1)
@@ -299,7 +333,8 @@ class Guard(Processor[GuardSpec]):
             out = torch.addcmul(base, d, s)
         else:
             s = kl = torch.ones_like(self.eps)
-            out = steered
+            out = torch.addcmul(base, d, s) if self.any_entropy else steered
+        s = s * w
         if not full:
             floor = (out.masked_fill(~allowed, float("-inf")).amax(dim=-1, keepdim=True)
                      - MASK_DEPTH)

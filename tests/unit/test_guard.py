@@ -167,14 +167,41 @@ def test_mask_leaves_unguarded_and_fully_banned_rows_alone(
     assert torch.isnan(ctx.stats["guard_s"][1:]).all()
 
 
+@pytest.mark.parametrize(("beta", "eps"), [(None, None), (0.05, None), (None, 0.2)])
+def test_entropy_scale_matches_the_definition(beta: float | None, eps: float | None) -> None:
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        base, steered, _ = random_case(rng)
+        h = float(rng.uniform(0.2, 3.0))
+        out, ctx = apply(torch.tensor(base)[None], torch.tensor(steered)[None],
+                         [GuardSpec(beta, eps, h)])
+        b64 = base.astype(np.float64)
+        p = np.exp(np_log_softmax(b64))
+        w = min(1.0, float(-(p * np.log(p)).sum()) / h)  # entropy of the full frozen P
+        allowed, _ = oracle(b64, steered.astype(np.float64), beta, None)
+        s = float(ctx.stats["guard_s"][0])
+        if eps is None:
+            assert s == pytest.approx(w, rel=1e-4, abs=1e-6)
+        else:  # the budget acts on w·d: its weight is at most w, and the KL holds
+            assert s <= w * (1 + 1e-5) + 1e-7
+        o = out[0].double().numpy()
+        expect = b64 + s * (steered.astype(np.float64) - b64)
+        assert np.allclose(o[allowed], expect[allowed], atol=1e-4)
+        if eps is not None:
+            assert kl_to_restricted_base(o, b64, allowed) <= eps * (1 + 1e-4) + 1e-6
+
+
 def test_validation_names_the_field() -> None:
     env = ProcessorEnv(vocab_size=8)
     assert Guard.validate({"plausibility": 0.1, "kl_budget": 0.2}, env) == GuardSpec(0.1, 0.2)
+    assert Guard.validate({"entropy_scale": 2.0}, env) == GuardSpec(None, None, 2.0)
     bad: list[tuple[dict[str, Any], str]] = [
            ({}, "plausibility"), ({"plausibility": 1.0}, "plausibility"),
            ({"plausibility": 0}, "plausibility"), ({"plausibility": True}, "plausibility"),
            ({"kl_budget": 0}, "kl_budget"), ({"kl_budget": float("inf")}, "kl_budget"),
-           ({"kl_budget": "1"}, "kl_budget"), ({"kl_budget": 0.1, "beta": 1}, "beta")]
+           ({"kl_budget": "1"}, "kl_budget"), ({"kl_budget": 0.1, "beta": 1}, "beta"),
+           ({"entropy_scale": 0}, "entropy_scale"), ({"entropy_scale": 25.0}, "entropy_scale"),
+           ({"entropy_scale": "2"}, "entropy_scale")]
     for params, field in bad:
         with pytest.raises(ParamError) as err:
             parse_stack([{"type": "guard", **params}], env, max_len=4)
@@ -200,16 +227,17 @@ def test_stack_warnings_for_the_guard() -> None:
 @hypothesis.given(
     st.integers(1, 4), st.integers(2, 32), st.integers(0, 2**31 - 1),
     st.floats(0.0, 60.0), st.one_of(st.none(), st.floats(1e-4, 0.999)),
-    st.one_of(st.none(), st.floats(1e-4, 100.0)),
+    st.one_of(st.none(), st.floats(1e-4, 100.0)), st.one_of(st.none(), st.floats(1e-3, 20.0)),
 )
 def test_float32_output_is_finite(B: int, V: int, seed: int, scale: float,
-                                  beta: float | None, eps: float | None) -> None:
-    if beta is None and eps is None:
+                                  beta: float | None, eps: float | None,
+                                  h: float | None) -> None:
+    if beta is None and eps is None and h is None:
         eps = 0.1
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(B, V, generator=g) * scale
     steered = base + torch.randn(B, V, generator=g) * scale * 3
-    out, ctx = apply(base, steered, [GuardSpec(beta, eps)] * B)
+    out, ctx = apply(base, steered, [GuardSpec(beta, eps, h)] * B)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     s = ctx.stats["guard_s"]
     assert torch.all((s >= 0) & (s <= 1))
@@ -249,6 +277,7 @@ CASES: list[tuple[str, list[dict[str, Any]]]] = [
     ("Why did", [{"type": "logit_bias", "bias": {"5": 8.0}},
                  {"type": "guard", "plausibility": 0.1, "kl_budget": 0.3}]),
     ("And the", [NG, {"type": "margin"}, {"type": "guard", "kl_budget": 0.2}]),
+    ("It is", [NG, {"type": "guard", "entropy_scale": 3.0, "plausibility": 0.05}]),
 ]
 
 
