@@ -26,6 +26,7 @@ ngram + guard, interleaved rounds, medians.
 
     python benchmarks/frontier.py [--prompts 12] [--tokens 32] [--out docs/frontier.md]
     python benchmarks/frontier.py --overhead [--rounds 5]
+    python benchmarks/frontier.py --micro [--rounds 5]    # Guard.apply alone, no model
 """
 
 from __future__ import annotations
@@ -294,12 +295,43 @@ def overhead(c: Any, args: argparse.Namespace) -> str:
             f"guard overhead ratio {ratio:.3f}×, ε only {ratio_eps:.3f}× (target ≤ 1.05)")
 
 
+def micro(args: argparse.Namespace) -> str:
+    """The guard's own cost per call: ``Guard.apply`` on random ``(8, 49152)`` logits
+    (no model), medians of interleaved calls per rule, diagnostics off."""
+    import torch
+
+    from processors.base import StepContext
+    from processors.guard import Guard, GuardSpec
+
+    g = torch.Generator().manual_seed(0)
+    B, V = 8, 49152
+    base = torch.randn(B, V, generator=g) * 2.5
+    steered = base + torch.randn(B, V, generator=g) * 1.5
+    ctx = StepContext(base_logits=base, last_tokens=torch.full((B, 2), -1))
+    specs = {"β0.1 ε1": GuardSpec(0.1, 1.0), "β0.1": GuardSpec(0.1, None),
+             "ε1": GuardSpec(None, 1.0), "h2": GuardSpec(None, None, 2.0)}
+    guards = {}
+    for name, spec in specs.items():
+        guards[name] = Guard(torch.device("cpu"), V)
+        guards[name].update_state([spec] * B)
+        guards[name].apply(ctx, steered)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in specs}
+    for _ in range(args.rounds * 10):
+        for name, guard in guards.items():
+            t0 = time.perf_counter()
+            guard.apply(ctx, steered)
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return "Guard.apply at (8, 49152), median ms per call: " + ", ".join(
+        f"{k} {statistics.median(v):.2f}" for k, v in times.items())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--overhead", action="store_true")
+    ap.add_argument("--micro", action="store_true", help="Guard.apply alone, no model")
     ap.add_argument("--tune", action="store_true", help="run the kjv tuning prompts")
     ap.add_argument("--quick", action="store_true", help="a 4-point λ grid (smoke run)")
     ap.add_argument("--max-batch", type=int, default=64)
@@ -307,8 +339,11 @@ def main() -> None:
     ap.add_argument("--plot", help="write the frontier plot (PNG) here")
     args = ap.parse_args()
     t0 = time.monotonic()
-    with in_process_client(args.max_batch) as c:
-        text = overhead(c, args) if args.overhead else quality(c, args)
+    if args.micro:
+        text = micro(args)
+    else:
+        with in_process_client(args.max_batch) as c:
+            text = overhead(c, args) if args.overhead else quality(c, args)
     text += f"\n\nWall time {time.monotonic() - t0:.0f} s on: {machine()}"
     print(text)
     if args.out:
