@@ -48,15 +48,14 @@ def oracle(base: np.ndarray, steered: np.ndarray, beta: float | None, eps: float
         allowed = p >= beta * p.max()
     if eps is None:
         return allowed, 1.0
-    a = np_log_softmax(np.where(allowed, base, -np.inf))
-    d = np.where(allowed, steered - base, 0.0)
-    best = 0.0
-    for s in np.linspace(0.0, 1.0, grid):
-        lq = np_log_softmax(np.where(allowed, a + s * d, -np.inf))
-        kl = float(np.sum(np.where(allowed, np.exp(lq) * (lq - a), 0.0)))
-        if kl <= eps:
-            best = float(s)
-    return allowed, best
+    a = np_log_softmax(np.where(allowed, base, -np.inf))[allowed]  # (|S|,)
+    d = (steered - base)[allowed]
+    s = np.linspace(0.0, 1.0, grid)[:, None]  # every grid point at once: (grid, 1)
+    z = a + s * d  # (grid, |S|)
+    m = z.max(axis=1, keepdims=True)
+    lq = z - (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))
+    kl = (np.exp(lq) * (lq - a)).sum(axis=1)  # (grid,)
+    return allowed, float(s[kl <= eps, 0].max(initial=0.0))
 
 
 def kl_to_restricted_base(out: np.ndarray, base: np.ndarray, allowed: np.ndarray) -> float:
