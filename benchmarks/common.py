@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -64,6 +65,36 @@ def server_process(model: str = EMBEDDED, **env: str) -> Iterator[str]:
 def median(xs: list[float]) -> float:
     """Median of a non-empty list."""
     return statistics.median(xs)
+
+
+def step_times(client: Any, request: dict[str, Any], variants: dict[str, list[dict[str, Any]]],
+               rounds: int, rows: int = 8) -> dict[str, float]:
+    """Median decode-step time (ms) of a batch of ``rows`` for each steering stack.
+
+    ``client`` is anything with ``post(path, json=...)`` (an ``httpx.Client`` on a server,
+    or Starlette's test client on the in-process app); ``request`` is a ``/v1/generate``
+    body with ``max_tokens`` ≥ 2 and ``ignore_eos``. Each round runs every variant as one
+    ``/v1/sweep`` over ``rows`` seeds (one batch), once with ``max_tokens`` and once with a
+    single token, variants interleaved; the difference over ``max_tokens − 1`` is the
+    decode step time without prefill or request overhead. Returns the median per variant.
+    """
+    n = int(request["max_tokens"])
+    if n < 2:
+        raise ValueError("step_times needs max_tokens >= 2")
+    seeds = {"seed": list(range(rows))}
+
+    def wall(stack: list[dict[str, Any]], tokens: int) -> float:
+        body = {"request": {**request, "steering": stack, "max_tokens": tokens}, "grid": seeds}
+        t0 = time.perf_counter()
+        client.post("/v1/sweep", json=body).raise_for_status()
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, stack in variants.items():
+            full, one = wall(stack, n), wall(stack, 1)
+            times[name].append((full - one) / (n - 1) * 1000)
+    return {k: median(v) for k, v in times.items()}
 
 
 def machine() -> str:

@@ -16,7 +16,8 @@ method, budget lines drawn). The engine runs in-process (the app under a test cl
 no sockets); each prompt is one ``/v1/sweep`` holding every method × λ point, so all of
 them decode as one batch.
 
-Tuning split (stated in docs/frontier.md): the guard settings were chosen on ``kjv`` with
+Tuning split (stated in docs/frontier.md): the guard settings (``HELD_OUT_GUARDS``, the best
+of ``TUNING_GUARDS`` per rule) were chosen on ``kjv`` with
 ``TUNE_PROMPTS``; the reported rows use ``PROMPTS`` (disjoint) on ``kjv`` and on
 ``fortunes`` (a corpus not tuned on at all). ``--tune`` runs the tuning set instead.
 
@@ -25,6 +26,7 @@ ngram + guard, interleaved rounds, medians.
 
     python benchmarks/frontier.py [--prompts 12] [--tokens 32] [--out docs/frontier.md]
     python benchmarks/frontier.py --overhead [--rounds 5]
+    python benchmarks/frontier.py --micro [--rounds 5]    # Guard.apply alone, no model
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import EMBEDDED, ROOT, machine, median, report_ratio  # noqa: E402
+from benchmarks.common import EMBEDDED, ROOT, machine, report_ratio, step_times  # noqa: E402
 
-LAMBDAS = [0.0, 0.1, 0.25, 0.5, 1.0, 1.5]
+LAMBDAS = [0.0, 0.1, 0.25, 0.5, 1.0]
 QUICK_LAMBDAS = [0.0, 0.2, 0.5, 1.0]
-PER_SWEEP = 2  # prompts per /v1/sweep (2 × 21 points = a batch of 42)
+PER_SWEEP = 3  # prompts per /v1/sweep (3 × 17 points = a batch of 51)
 BASE_LIMIT = 1.3  # base PPL ≤ 1.3 × unsteered
 D2_LIMIT = 0.8  # distinct-2 ≥ 0.8 × unsteered
 
@@ -66,15 +68,28 @@ PROMPTS = [
 ]
 
 
-def methods(prior: str) -> dict[str, list[dict[str, Any]]]:
+# The guard settings tried on the tuning split (``--tune``), one frontier curve each.
+TUNING_GUARDS: dict[str, dict[str, Any]] = {
+    **{f"guard β{b}": {"plausibility": b} for b in (0.1, 0.2, 0.3, 0.5, 0.7)},
+    **{f"guard ε{e}": {"kl_budget": e} for e in (0.2, 0.3, 0.4, 0.5, 0.7)},
+    "guard β0.3 ε0.3": {"plausibility": 0.3, "kl_budget": 0.3},
+    **{f"guard h{h}": {"entropy_scale": h} for h in (1.0, 2.0, 3.5)},
+}
+# The best of each rule on the tuning split, reported on the held-out sets.
+HELD_OUT_GUARDS: dict[str, dict[str, Any]] = {
+    "guard ε0.7": {"kl_budget": 0.7}, "guard h1": {"entropy_scale": 1.0},
+}
+
+
+def methods(prior: str, tune: bool = False) -> dict[str, list[dict[str, Any]]]:
     """The compared stacks; λ is set by the grid at ``steering.0.lambda``."""
     ng = {"type": "ngram", "prior": prior, "lambda": 0.0, "allow_lambda_above_one": True}
-    return {
-        "plain": [ng],
-        "margin τ0.5 γ1": [ng, {"type": "margin", "tau": 0.5, "gamma": 1.0}],
-        "guard β0.1": [ng, {"type": "guard", "plausibility": 0.1}],
-        "guard ε0.5": [ng, {"type": "guard", "kl_budget": 0.5}],
-    }
+    guards = TUNING_GUARDS if tune else HELD_OUT_GUARDS
+    out: dict[str, list[dict[str, Any]]] = {
+        "plain": [ng], "margin τ0.5 γ1": [ng, {"type": "margin", "tau": 0.5, "gamma": 1.0}]}
+    for name, fields in guards.items():
+        out[name] = [ng, {"type": "guard", **fields}]
+    return out
 
 
 def distinct2(tokens: list[int]) -> float:
@@ -93,6 +108,7 @@ def in_process_client(max_batch: int) -> Iterator[Any]:
     from server.settings import Settings
 
     settings = Settings(model=EMBEDDED, max_batch_size=max_batch, max_sweep_points=512,
+                        max_queue=4096,
                         log_level="warning")
     bundle = load_model(EMBEDDED, settings.data_dir)
     with TestClient(create_app(settings, bundle=bundle)) as client:
@@ -100,12 +116,12 @@ def in_process_client(max_batch: int) -> Iterator[Any]:
 
 
 def run_corpus(c: Any, corpus: str, prompts: list[str], lambdas: list[float],
-               tokens: int) -> dict[str, list[dict[str, float]]]:
+               tokens: int, tune: bool = False) -> dict[str, list[dict[str, float]]]:
     """Per method, one dict per λ: style gain, base PPL, distinct-2 (over ``prompts``)."""
     prior = f"frontier-{corpus}-{os.getpid()}"
     c.post("/v1/priors", json={"name": prior, "corpus": corpus}).raise_for_status()
     try:
-        named = methods(prior)
+        named = methods(prior, tune)
         names = list(named)
         per: dict[tuple[str, float], list[tuple[float, float, float]]] = {}
         # λ = 0 is the unsteered run for every method: run it once (plain).
@@ -222,7 +238,7 @@ def quality(c: Any, args: argparse.Namespace) -> str:
                  PROMPTS[: args.prompts])]
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     for corpus, label, prompts in sets:
-        results[label] = run_corpus(c, corpus, prompts, lambdas, args.tokens)
+        results[label] = run_corpus(c, corpus, prompts, lambdas, args.tokens, args.tune)
     lines = [f"{args.tokens} tokens per prompt, greedy, EOS ignored; λ grid {lambdas}; "
              f"{args.prompts} prompts per set.", ""]
     lines += ["| set | method | frontier value (nats/token) | at λ | ratio to plain |",
@@ -253,6 +269,8 @@ def quality(c: Any, args: argparse.Namespace) -> str:
 
 
 def overhead(c: Any, args: argparse.Namespace) -> str:
+    """Decode-step time at batch 8: ngram vs ngram + guard (both rules, and the budget
+    alone, which has no gathered support to work on), interleaved rounds, medians."""
     prior = f"frontier-ovh-{os.getpid()}"
     c.post("/v1/priors", json={"name": prior, "corpus": "kjv"}).raise_for_status()
     ng = {"type": "ngram", "prior": prior, "lambda": 0.3}
@@ -261,23 +279,50 @@ def overhead(c: Any, args: argparse.Namespace) -> str:
     variants = {
         "ngram": [ng],
         "ngram+guard": [ng, {"type": "guard", "plausibility": 0.1, "kl_budget": 1.0}],
+        "ngram+guard ε only": [ng, {"type": "guard", "kl_budget": 1.0}],
     }
-    times: dict[str, list[float]] = {k: [] for k in variants}
     try:
-        for _ in range(args.rounds):
-            for name, stack in variants.items():
-                t0 = time.perf_counter()
-                c.post("/v1/sweep", json={"request": {**req, "steering": stack},
-                                          "grid": {"seed": list(range(8))}}).raise_for_status()
-                times[name].append((time.perf_counter() - t0) / args.tokens * 1000)
+        med = step_times(c, req, variants, args.rounds)
     finally:
         c.delete(f"/v1/priors/{prior}")
-    med = {k: median(v) for k, v in times.items()}
     ratio = med["ngram+guard"] / med["ngram"]
+    ratio_eps = med["ngram+guard ε only"] / med["ngram"]
     report_ratio("guard step time, batch 8", ratio, "<=", 1.05)
-    return (f"batch 8, {args.rounds} rounds × {args.tokens} tokens (prefill included), median "
-            f"ms/token-step: ngram {med['ngram']:.1f}, ngram+guard (β0.1 ε1) "
-            f"{med['ngram+guard']:.1f}; guard overhead ratio {ratio:.3f}× (target ≤ 1.05)")
+    report_ratio("guard (kl_budget only) step time, batch 8", ratio_eps, "<=", 1.05)
+    return (f"batch 8, {args.rounds} rounds × {args.tokens} tokens, median decode ms/step "
+            f"(prefill excluded): ngram {med['ngram']:.1f}, ngram+guard (β0.1 ε1) "
+            f"{med['ngram+guard']:.1f}, ngram+guard (ε1 only) {med['ngram+guard ε only']:.1f}; "
+            f"guard overhead ratio {ratio:.3f}×, ε only {ratio_eps:.3f}× (target ≤ 1.05)")
+
+
+def micro(args: argparse.Namespace) -> str:
+    """The guard's own cost per call: ``Guard.apply`` on random ``(8, 49152)`` logits
+    (no model), medians of interleaved calls per rule, diagnostics off."""
+    import torch
+
+    from processors.base import StepContext
+    from processors.guard import Guard, GuardSpec
+
+    g = torch.Generator().manual_seed(0)
+    B, V = 8, 49152
+    base = torch.randn(B, V, generator=g) * 2.5
+    steered = base + torch.randn(B, V, generator=g) * 1.5
+    ctx = StepContext(base_logits=base, last_tokens=torch.full((B, 2), -1))
+    specs = {"β0.1 ε1": GuardSpec(0.1, 1.0), "β0.1": GuardSpec(0.1, None),
+             "ε1": GuardSpec(None, 1.0), "h2": GuardSpec(None, None, 2.0)}
+    guards = {}
+    for name, spec in specs.items():
+        guards[name] = Guard(torch.device("cpu"), V)
+        guards[name].update_state([spec] * B)
+        guards[name].apply(ctx, steered)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in specs}
+    for _ in range(args.rounds * 10):
+        for name, guard in guards.items():
+            t0 = time.perf_counter()
+            guard.apply(ctx, steered)
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return "Guard.apply at (8, 49152), median ms per call: " + ", ".join(
+        f"{k} {statistics.median(v):.2f}" for k, v in times.items())
 
 
 def main() -> None:
@@ -286,15 +331,19 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--overhead", action="store_true")
+    ap.add_argument("--micro", action="store_true", help="Guard.apply alone, no model")
     ap.add_argument("--tune", action="store_true", help="run the kjv tuning prompts")
     ap.add_argument("--quick", action="store_true", help="a 4-point λ grid (smoke run)")
-    ap.add_argument("--max-batch", type=int, default=48)
+    ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--out", help="write the report (markdown) here")
     ap.add_argument("--plot", help="write the frontier plot (PNG) here")
     args = ap.parse_args()
     t0 = time.monotonic()
-    with in_process_client(args.max_batch) as c:
-        text = overhead(c, args) if args.overhead else quality(c, args)
+    if args.micro:
+        text = micro(args)
+    else:
+        with in_process_client(args.max_batch) as c:
+            text = overhead(c, args) if args.overhead else quality(c, args)
     text += f"\n\nWall time {time.monotonic() - t0:.0f} s on: {machine()}"
     print(text)
     if args.out:

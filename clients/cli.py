@@ -137,8 +137,9 @@ def steering_from(args: argparse.Namespace, *, lam_default: float = 0.1) -> list
     if args.margin:
         stack.append(Margin(tau=args.margin[0], gamma=args.margin[1]))
     beta, eps = getattr(args, "plausibility", None), getattr(args, "kl_budget", None)
-    if beta is not None or eps is not None:
-        stack.append(Guard(plausibility=beta, kl_budget=eps))
+    h = getattr(args, "entropy_scale", None)
+    if beta is not None or eps is not None or h is not None:
+        stack.append(Guard(plausibility=beta, kl_budget=eps, entropy_scale=h))
     return stack
 
 
@@ -416,6 +417,8 @@ def _steering(p: argparse.ArgumentParser) -> None:
                    help="fluency guard: drop tokens with frozen-model P < BETA·max P (placed last)")
     g.add_argument("--kl-budget", type=float, metavar="NATS",
                    help="fluency guard: per-step KL(steered ‖ frozen) budget (placed last)")
+    g.add_argument("--entropy-scale", type=float, metavar="NATS",
+                   help="fluency guard: scale steering by min(1, H(frozen)/NATS) (placed last)")
     g.add_argument("--steering", action="append", metavar="JSON",
                    help="a raw steering entry, e.g. '{\"type\": \"margin\", ...}' (repeatable)")
 

@@ -214,8 +214,10 @@ class Margin(_Entry):
 @dataclass(frozen=True)
 class Guard(_Entry):
     """Fluency guard, placed last (after ``Margin``): drop tokens the frozen model finds
-    implausible (``P < plausibility · max P``) and/or pull the steered logits back toward
-    the frozen ones until ``KL(steered ‖ frozen) ≤ kl_budget`` nats per step.
+    implausible (``P < plausibility · max P``), scale the steering by
+    ``min(1, H(frozen) / entropy_scale)`` (steer more where the frozen model is unsure)
+    and/or pull the steered logits back toward the frozen ones until
+    ``KL(steered ‖ frozen) ≤ kl_budget`` nats per step.
 
     >>> Guard(plausibility=0.1, kl_budget=0.2).to_wire()
     {'type': 'guard', 'plausibility': 0.1, 'kl_budget': 0.2}
@@ -224,10 +226,11 @@ class Guard(_Entry):
     type_name: ClassVar[str] = "guard"
     plausibility: float | None = None
     kl_budget: float | None = None
+    entropy_scale: float | None = None
 
     def __post_init__(self) -> None:
-        if self.plausibility is None and self.kl_budget is None:
-            raise ValueError("Guard needs plausibility, kl_budget or both")
+        if self.plausibility is None and self.kl_budget is None and self.entropy_scale is None:
+            raise ValueError("Guard needs plausibility, kl_budget, entropy_scale or several")
 
 
 @dataclass(frozen=True)

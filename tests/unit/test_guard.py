@@ -48,15 +48,14 @@ def oracle(base: np.ndarray, steered: np.ndarray, beta: float | None, eps: float
         allowed = p >= beta * p.max()
     if eps is None:
         return allowed, 1.0
-    a = np_log_softmax(np.where(allowed, base, -np.inf))
-    d = np.where(allowed, steered - base, 0.0)
-    best = 0.0
-    for s in np.linspace(0.0, 1.0, grid):
-        lq = np_log_softmax(np.where(allowed, a + s * d, -np.inf))
-        kl = float(np.sum(np.where(allowed, np.exp(lq) * (lq - a), 0.0)))
-        if kl <= eps:
-            best = float(s)
-    return allowed, best
+    a = np_log_softmax(np.where(allowed, base, -np.inf))[allowed]  # (|S|,)
+    d = (steered - base)[allowed]
+    s = np.linspace(0.0, 1.0, grid)[:, None]  # every grid point at once: (grid, 1)
+    z = a + s * d  # (grid, |S|)
+    m = z.max(axis=1, keepdims=True)
+    lq = z - (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))
+    kl = (np.exp(lq) * (lq - a)).sum(axis=1)  # (grid,)
+    return allowed, float(s[kl <= eps, 0].max(initial=0.0))
 
 
 def kl_to_restricted_base(out: np.ndarray, base: np.ndarray, allowed: np.ndarray) -> float:
@@ -74,8 +73,11 @@ def random_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float
     return base.astype(np.float32), steered.astype(np.float32), float(rng.uniform(0.01, 0.5))
 
 
-@pytest.mark.parametrize("beta", [None, 0.05])
-def test_kl_budget_matches_brute_force(beta: float | None) -> None:
+# GATHER_FRACTION 0 forces the whole-vocabulary path, 1 the gathered-support one.
+@pytest.mark.parametrize(("beta", "gather"), [(None, 0.0), (0.05, 0.0), (0.05, 1.0)])
+def test_kl_budget_matches_brute_force(beta: float | None, gather: float,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guard_mod, "GATHER_FRACTION", gather)
     rng = np.random.default_rng(0 if beta is None else 1)
     shortfalls = []
     for _ in range(120):
@@ -109,7 +111,10 @@ def test_more_newton_steps_reach_the_brute_force_optimum(monkeypatch: pytest.Mon
         assert float(ctx.stats["guard_s"][0]) == pytest.approx(s_star, abs=0.03)
 
 
-def test_plausibility_mask_matches_the_definition() -> None:
+@pytest.mark.parametrize("gather", [0.0, 1.0])
+def test_plausibility_mask_matches_the_definition(gather: float,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guard_mod, "GATHER_FRACTION", gather)
     rng = np.random.default_rng(3)
     for beta in (0.01, 0.1, 0.5, 0.9):
         base = (rng.normal(size=(4, 32)) * 3).astype(np.float32)
@@ -144,14 +149,58 @@ def test_hand_built_budget_and_untouched_rows() -> None:
     assert out[0, 0] < -1000 and torch.equal(out[0, 1:], steered[1, 1:])
 
 
+@pytest.mark.parametrize("gather", [0.0, 1.0])
+def test_mask_leaves_unguarded_and_fully_banned_rows_alone(
+        gather: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guard_mod, "GATHER_FRACTION", gather)
+    base = torch.tensor([[3.0, 0.0, 2.9, -5.0, 1.0, 0.0, 0.0, 0.0]] * 3)
+    steered = base + torch.tensor([[0.0, 9.0, 0.0, 9.0, 0.0, 0.0, 0.0, 0.0]] * 3)
+    steered[2, 0] = steered[2, 2] = float("-inf")  # row 2: steering banned both plausible
+    out, ctx = apply(base, steered, [GuardSpec(0.5, 0.3), None, GuardSpec(0.5, None)])
+    assert torch.equal(out[1], steered[1]) and torch.equal(out[2], steered[2])
+    q = torch.softmax(out[0].double(), dim=-1)
+    assert torch.all(q[[1, 3, 4, 5, 6, 7]] == 0.0)  # only tokens 0 and 2 are plausible
+    assert torch.equal(out[0, [0, 2]], steered[0, [0, 2]])  # d = 0 there: nothing to pull
+    assert ctx.stats["guard_masked_mass"][0].item() == pytest.approx(
+        1.0 - torch.softmax(base[0].double(), -1)[[0, 2]].sum().item(), abs=1e-6)
+    assert torch.isnan(ctx.stats["guard_s"][1:]).all()
+
+
+@pytest.mark.parametrize(("beta", "eps"), [(None, None), (0.05, None), (None, 0.2)])
+def test_entropy_scale_matches_the_definition(beta: float | None, eps: float | None) -> None:
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        base, steered, _ = random_case(rng)
+        h = float(rng.uniform(0.2, 3.0))
+        out, ctx = apply(torch.tensor(base)[None], torch.tensor(steered)[None],
+                         [GuardSpec(beta, eps, h)])
+        b64 = base.astype(np.float64)
+        p = np.exp(np_log_softmax(b64))
+        w = min(1.0, float(-(p * np.log(p)).sum()) / h)  # entropy of the full frozen P
+        allowed, _ = oracle(b64, steered.astype(np.float64), beta, None)
+        s = float(ctx.stats["guard_s"][0])
+        if eps is None:
+            assert s == pytest.approx(w, rel=1e-4, abs=1e-6)
+        else:  # the budget acts on w·d: its weight is at most w, and the KL holds
+            assert s <= w * (1 + 1e-5) + 1e-7
+        o = out[0].double().numpy()
+        expect = b64 + s * (steered.astype(np.float64) - b64)
+        assert np.allclose(o[allowed], expect[allowed], atol=1e-4)
+        if eps is not None:
+            assert kl_to_restricted_base(o, b64, allowed) <= eps * (1 + 1e-4) + 1e-6
+
+
 def test_validation_names_the_field() -> None:
     env = ProcessorEnv(vocab_size=8)
     assert Guard.validate({"plausibility": 0.1, "kl_budget": 0.2}, env) == GuardSpec(0.1, 0.2)
+    assert Guard.validate({"entropy_scale": 2.0}, env) == GuardSpec(None, None, 2.0)
     bad: list[tuple[dict[str, Any], str]] = [
            ({}, "plausibility"), ({"plausibility": 1.0}, "plausibility"),
            ({"plausibility": 0}, "plausibility"), ({"plausibility": True}, "plausibility"),
            ({"kl_budget": 0}, "kl_budget"), ({"kl_budget": float("inf")}, "kl_budget"),
-           ({"kl_budget": "1"}, "kl_budget"), ({"kl_budget": 0.1, "beta": 1}, "beta")]
+           ({"kl_budget": "1"}, "kl_budget"), ({"kl_budget": 0.1, "beta": 1}, "beta"),
+           ({"entropy_scale": 0}, "entropy_scale"), ({"entropy_scale": 25.0}, "entropy_scale"),
+           ({"entropy_scale": "2"}, "entropy_scale")]
     for params, field in bad:
         with pytest.raises(ParamError) as err:
             parse_stack([{"type": "guard", **params}], env, max_len=4)
@@ -177,16 +226,17 @@ def test_stack_warnings_for_the_guard() -> None:
 @hypothesis.given(
     st.integers(1, 4), st.integers(2, 32), st.integers(0, 2**31 - 1),
     st.floats(0.0, 60.0), st.one_of(st.none(), st.floats(1e-4, 0.999)),
-    st.one_of(st.none(), st.floats(1e-4, 100.0)),
+    st.one_of(st.none(), st.floats(1e-4, 100.0)), st.one_of(st.none(), st.floats(1e-3, 20.0)),
 )
 def test_float32_output_is_finite(B: int, V: int, seed: int, scale: float,
-                                  beta: float | None, eps: float | None) -> None:
-    if beta is None and eps is None:
+                                  beta: float | None, eps: float | None,
+                                  h: float | None) -> None:
+    if beta is None and eps is None and h is None:
         eps = 0.1
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(B, V, generator=g) * scale
     steered = base + torch.randn(B, V, generator=g) * scale * 3
-    out, ctx = apply(base, steered, [GuardSpec(beta, eps)] * B)
+    out, ctx = apply(base, steered, [GuardSpec(beta, eps, h)] * B)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     s = ctx.stats["guard_s"]
     assert torch.all((s >= 0) & (s <= 1))
@@ -226,6 +276,7 @@ CASES: list[tuple[str, list[dict[str, Any]]]] = [
     ("Why did", [{"type": "logit_bias", "bias": {"5": 8.0}},
                  {"type": "guard", "plausibility": 0.1, "kl_budget": 0.3}]),
     ("And the", [NG, {"type": "margin"}, {"type": "guard", "kl_budget": 0.2}]),
+    ("It is", [NG, {"type": "guard", "entropy_scale": 3.0, "plausibility": 0.05}]),
 ]
 
 

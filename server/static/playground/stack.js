@@ -2,8 +2,8 @@
 // Each entry is {type, values}; toWire() turns it into the JSON the server takes,
 // leaving out optional fields that are empty so the server's defaults apply.
 
-/** Field kinds: range (slider + number), select, multi, list (comma-separated numbers),
- * json, check. `choices` names a picker list filled from the server. */
+/** Field kinds: range (slider + number), number (one number, left out when empty),
+ * select, multi, list (comma-separated numbers), json, check. `choices` names a picker list filled from the server. */
 export const TYPES = {
   ngram: { label: "n-gram prior", fields: [
     { name: "prior", kind: "select", choices: "priors" },
@@ -32,6 +32,7 @@ export const TYPES = {
   guard: { label: "guard", fields: [
     { name: "plausibility", kind: "range", min: 0.01, max: 0.99, step: 0.01, value: 0.1 },
     { name: "kl_budget", kind: "range", min: 0.01, max: 2, step: 0.01, value: 0.2 },
+    { name: "entropy_scale", kind: "number", optional: true, hint: "nats, e.g. 2 (empty: off)" },
   ] },
   logit_bias: { label: "logit bias", fields: [
     { name: "bias", kind: "json", value: "{}", hint: '{"token id": value}' },
@@ -87,6 +88,7 @@ export class StackEditor {
       for (const f of TYPES[type].fields) {
         const v = values[f.name];
         if (f.kind === "range") out[f.name] = Number(v);
+        else if (f.kind === "number") { if (String(v).trim()) out[f.name] = Number(v); }
         else if (f.kind === "list") { if (String(v).trim()) out[f.name] = numbers(String(v)); }
         else if (f.kind === "json") { try { out[f.name] = JSON.parse(v); } catch { out[f.name] = v; } }
         else if (f.kind === "check") { if (v) out[f.name] = true; }
