@@ -161,6 +161,85 @@ class Float32Head(nn.Module):
         return F.linear(h.float(), self.weight)
 
 
+_ACT_HI = 128  # an activation code is ``hi·128 + lo`` with hi, lo int8
+_ACT_MAX = 127 * _ACT_HI  # 14-bit activation codes: |code| ≤ 16256
+
+
+class Int8Head(nn.Module):
+    """The output projection with int8 weights and float32 logits, on integer matmuls.
+
+    The head ``W (V, D)`` is 40 % of a CPU int4 step when read as float32 (113 MB for
+    SmolLM2's 49152 × 576); as int8 it is a quarter of that. Weights: per output row
+    ``W[v] ≈ scale[v]·q[v]``, ``q ∈ [-127, 127]`` (stored transposed, ``weight_t (D, V)
+    int8``, the layout ``torch._int_mm`` reads fastest). Activations ``h (..., D)`` are
+    quantized per row to 14-bit codes ``c = round(h / s)``, ``s = max|h| / 16256``, and
+    split exactly into two int8 halves ``c = 128·hi + lo``; one ``torch._int_mm`` of the
+    stacked ``(2M, D)`` halves against ``weight_t`` gives int32 dot products that are
+    exact, combined in float32: ``logit = s·scale[v]·(128·(hi·q) + lo·q)``. So the logits
+    are float32 with float32-or-better accumulation (no bf16 output rounding), and the
+    only approximations are the weight's int8 step (``scale/2`` per weight) and the
+    activation's 14-bit step. Measured against the float32 head in docs/fastpath.md.
+    """
+
+    weight_t: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        """``weight (V, D)`` float."""
+        super().__init__()
+        w = weight.detach().float()
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.in_features, self.out_features = int(w.shape[1]), int(w.shape[0])
+        self.register_buffer("weight_t", q.t().contiguous())  # (D, V)
+        self.register_buffer("scale", scale.contiguous())  # (V,)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``h (..., D)`` any float dtype → logits ``(..., V)`` float32."""
+        shape = h.shape
+        x = h.reshape(-1, self.in_features).float()
+        m = x.shape[0]
+        s = (x.abs().amax(-1, keepdim=True) / _ACT_MAX).clamp(min=1e-30)  # (M, 1)
+        code = torch.round(x / s).to(torch.int32)  # (M, D), |code| ≤ 16256
+        hi = torch.div(code + _ACT_HI // 2, _ACT_HI, rounding_mode="floor")  # [-127, 127]
+        lo = code - hi * _ACT_HI  # [-64, 63]
+        acc = torch._int_mm(torch.cat([hi, lo]).to(torch.int8), self.weight_t)  # (2M, V)
+        # int32 sums are exact; the float32 combination rounds once (~2^-24 relative).
+        y = acc[:m].float().mul_(_ACT_HI).add_(acc[m:].float())
+        y.mul_(s).mul_(self.scale)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight ``(V, D)`` float32 this head multiplies by (before the activation's
+        14-bit rounding)."""
+        return self.weight_t.t().float() * self.scale[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def int8_head_available() -> bool:
+    """True when ``torch._int_mm`` runs on the CPU for the small M of a decode step."""
+    try:
+        a = torch.ones(2, 32, dtype=torch.int8)
+        return bool(torch._int_mm(a, torch.ones(32, 32, dtype=torch.int8))[0, 0] == 32)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+HEADS = ("int8", "float32")
+
+
+def make_head(weight: torch.Tensor, head: str) -> nn.Module:
+    """The low-precision paths' output projection: :class:`Int8Head` (``"int8"``) or
+    :class:`Float32Head` (``"float32"``); both return float32 logits."""
+    if head == "int8":
+        return Int8Head(weight)
+    if head == "float32":
+        return Float32Head(weight)
+    raise ValueError(f"head must be one of {', '.join(HEADS)}, got '{head}'")
+
+
 def quantize_minmax(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group-wise (32 along ``K``) asymmetric 4-bit quantization of ``w (N, K)``.
 
@@ -321,16 +400,17 @@ def to_int4(
     gguf: Path | None = None,
     *,
     cache_dir: Path | None = None,
-    float32_head: bool = True,
+    head: str | None = "float32",
 ) -> dict[str, int]:
     """Convert ``model`` (float32 weights, on the CPU) in place to the int4 fast path.
 
     Every ``nn.Linear`` whose ``in_features`` is a multiple of 32 becomes an
     :class:`Int4Linear` (codes from ``gguf``'s Q4 blocks where it has them, else min/max
-    from the float32 weight); the output head becomes a :class:`Float32Head` when
-    ``float32_head`` (float32 last-position logits, see there) and an int4 linear
-    otherwise; everything else is cast to bf16. With ``cache_dir`` the packed buffers are
-    kept there (reading a GGUF's blocks takes seconds; the cache loads in well under one).
+    from the float32 weight); the output head becomes :func:`make_head`'s ``head``
+    (``"int8"`` or ``"float32"``: float32 logits either way) or, with ``head=None``, an
+    int4 linear like the rest; everything else is cast to bf16. With ``cache_dir`` the
+    packed buffers are kept there (reading a GGUF's blocks takes seconds; the cache loads
+    in well under one).
     Returns counts ``{"gguf": n, "minmax": n, "dense": n, "cached": 0|1}``.
     """
     t0 = time.monotonic()
@@ -341,18 +421,18 @@ def to_int4(
     if cached is None and gguf is not None and config is not None:
         blocks = read_gguf_q4(gguf, config)
     counts = {"gguf": 0, "minmax": 0, "dense": 0, "cached": int(cached is not None)}
-    head = _output_head(model)
-    head_weight = head.weight.detach().float().clone() if head is not None else None
+    lm = _output_head(model)
+    head_weight = lm.weight.detach().float().clone() if lm is not None else None
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if float32_head:
-        linears = [(n, m) for n, m in linears if m is not head]
+    if head is not None:
+        linears = [(n, m) for n, m in linears if m is not lm]
     fresh: dict[str, torch.Tensor] = {}
     for name, lin in linears:
         if lin.in_features % GROUP:
             counts["dense"] += 1
             continue
         # A tied head's weight is the embedding's: quantize from the saved float32 copy.
-        weight = head_weight if lin is head and head_weight is not None else lin.weight.detach()
+        weight = head_weight if lin is lm and head_weight is not None else lin.weight.detach()
         bias = lin.bias.detach() if lin.bias is not None else None
         if cached is not None and f"{name}.packed" in cached:
             new = Int4Linear.from_packed(cached[f"{name}.packed"], cached[f"{name}.sz"], bias)
@@ -368,10 +448,10 @@ def to_int4(
             fresh[f"{name}.packed"], fresh[f"{name}.sz"] = new.packed, new.scales_and_zeros
         _set_module(model, name, new)
     _to_bf16_keep_rope(model)  # embedding, norms, any dense leftovers
-    if float32_head and head is not None and head_weight is not None:
-        head_name = next(n for n, m in model.named_modules() if m is head)
-        _set_module(model, head_name, Float32Head(head_weight))
-    if head is not None and config is not None:
+    if head is not None and lm is not None and head_weight is not None:
+        head_name = next(n for n, m in model.named_modules() if m is lm)
+        _set_module(model, head_name, make_head(head_weight, head))
+    if lm is not None and config is not None:
         config.tie_word_embeddings = False  # the head no longer shares the embedding
     if cache_path is not None and cached is None and fresh:
         _save_pack_cache(cache_path, fresh)
@@ -379,15 +459,15 @@ def to_int4(
     return counts
 
 
-def to_bf16(model: nn.Module, *, float32_head: bool = True) -> None:
-    """Cast ``model`` to bf16 in place, keeping a float32 output head (see
-    :class:`Float32Head`) when ``float32_head``."""
-    head = _output_head(model)
-    head_weight = head.weight.detach().float().clone() if head is not None else None
+def to_bf16(model: nn.Module, *, head: str | None = "float32") -> None:
+    """Cast ``model`` to bf16 in place; the output head becomes :func:`make_head`'s
+    ``head`` (float32 logits), or with ``head=None`` stays a bf16 linear."""
+    lm = _output_head(model)
+    head_weight = lm.weight.detach().float().clone() if lm is not None else None
     _to_bf16_keep_rope(model)
-    if float32_head and head is not None and head_weight is not None:
-        name = next(n for n, m in model.named_modules() if m is head)
-        _set_module(model, name, Float32Head(head_weight.to(head.weight.device)))
+    if head is not None and lm is not None and head_weight is not None:
+        name = next(n for n, m in model.named_modules() if m is lm)
+        _set_module(model, name, make_head(head_weight.to(lm.weight.device), head))
         config = getattr(model, "config", None)
         if config is not None:
             config.tie_word_embeddings = False
