@@ -433,15 +433,59 @@ def read_gguf_q4(path: Path, config: Any) -> dict[str, tuple[np.ndarray, np.ndar
     return out
 
 
+# RMSNorm classes whose forward is ``weight · x / sqrt(mean(x²) + eps)`` (Gemma's uses
+# ``1 + weight``: not listed, left as it is).
+_PLAIN_RMSNORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "Qwen3RMSNorm")
+
+
+class LeanRMSNorm(nn.Module):
+    """``weight · x / sqrt(mean(x²) + eps)`` over the last dim in one fused op.
+
+    transformers' ``LlamaRMSNorm`` runs ~7 eager ops per call (upcast, pow, mean, add,
+    rsqrt, mul, downcast, mul): 61 calls a step for SmolLM2, a visible share of a
+    bf16/int4 step's host time. ``F.rms_norm`` (``aten::_fused_rms_norm`` on the CPU)
+    does it in one, accumulating in float32 and rounding to the input dtype once (the
+    eager version rounds the normalized value to bf16 before the weight multiply, so
+    this is if anything closer to the exact result; tests/unit/test_quant.py).
+    ``x (..., D)`` → ``(..., D)`` in ``x``'s dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.rms_norm(x, (w.shape[-1],), w, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def _lean_norms(model: nn.Module) -> int:
+    """Swap plain RMSNorm modules for :class:`LeanRMSNorm` (low-precision paths only:
+    ``fp32`` keeps transformers' own modules, so it stays equal to ``generate``)."""
+    swaps = [(n, m) for n, m in model.named_modules() if type(m).__name__ in _PLAIN_RMSNORMS]
+    for name, mod in swaps:
+        eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
+        if eps is None or not isinstance(getattr(mod, "weight", None), torch.Tensor):
+            continue
+        _set_module(model, name, LeanRMSNorm(mod.weight, float(eps)))
+    return len(swaps)
+
+
 def _to_bf16_keep_rope(model: nn.Module) -> None:
-    """``model.to(bf16)`` but rotary ``inv_freq`` buffers stay float32: transformers
-    computes RoPE angles in float32 from them, and bf16 frequencies would shift every
-    position's angle (by up to 2⁻⁹ relative, i.e. radians at long context)."""
+    """``model.to(bf16)`` with plain RMSNorms as :class:`LeanRMSNorm`; rotary
+    ``inv_freq`` buffers stay float32: transformers computes RoPE angles in float32 from
+    them, and bf16 frequencies would shift every position's angle (by up to 2⁻⁹
+    relative, i.e. radians at long context)."""
     keep = {
         n: b.detach().clone() for n, b in model.named_buffers()
         if n.endswith("inv_freq") and b.is_floating_point()
     }
     model.to(torch.bfloat16)
+    _lean_norms(model)
     for name, buf in keep.items():
         parent_path, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model

@@ -226,3 +226,29 @@ def test_fused_int4_equals_separate_int4(tmp_path: Path) -> None:
     assert torch.allclose(a, b, rtol=1e-2, atol=2e-2)
     kl, top1 = _kl_top1(a.flatten(0, 1), b.flatten(0, 1))
     assert kl < 1e-4 and top1 == 1.0, (kl, top1)
+
+
+@torch.inference_mode()
+def test_lean_rmsnorm_against_float64_and_only_on_fast_paths(tmp_path: Path) -> None:
+    """The fused norm is within one bf16 rounding of the float64 formula (transformers'
+    eager bf16 norm, which rounds twice, is the yardstick it must not exceed by much), and
+    it replaces the norms of bf16/int4 models only: fp32 keeps transformers' modules."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(4)
+    hf = LlamaRMSNorm(96, eps=1e-5)
+    hf.weight.normal_()
+    hf = hf.bfloat16()
+    lean = quant.LeanRMSNorm(hf.weight, 1e-5)
+    x = (torch.randn(3, 5, 96) * 4).bfloat16()
+    xd, wd = x.double(), hf.weight.double()
+    ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * wd
+    got = lean(x)
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-6).all()
+    assert (got.double() - ref).abs().max() <= (hf(x).double() - ref).abs().max()
+    fast = load_model("random:tiny", tmp_path, weights="bf16").model
+    exact = load_model("random:tiny", tmp_path, weights="fp32").model
+    assert isinstance(fast.model.norm, quant.LeanRMSNorm)
+    assert isinstance(fast.model.layers[0].input_layernorm, quant.LeanRMSNorm)
+    assert type(exact.model.norm).__name__ == "LlamaRMSNorm"
