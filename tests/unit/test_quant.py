@@ -4,6 +4,7 @@ the fp32 model; fast-path comparisons are tolerance-based (KL, top-1), never exa
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,10 @@ def test_fused_int4_equals_separate_int4(tmp_path: Path) -> None:
                               atol=1e-3)
     ids = torch.randint(3, 200, (2, 9))
     a, b = fused(input_ids=ids).logits, plain(input_ids=ids).logits
+    twin = copy.deepcopy(fused)  # the engine's tests and tools deep-copy served models
+    t_attn = twin.model.layers[0].self_attn
+    assert t_attn.q_proj._fused[0] is t_attn.qkv_proj and t_attn.qkv_proj is not attn.qkv_proj
+    assert torch.allclose(twin(input_ids=ids).logits, a, rtol=1e-4, atol=1e-4)
     assert torch.allclose(a, b, rtol=1e-2, atol=2e-2)
     kl, top1 = _kl_top1(a.flatten(0, 1), b.flatten(0, 1))
     assert kl < 1e-4 and top1 == 1.0, (kl, top1)
