@@ -1,11 +1,14 @@
 """Low-precision weights for the CPU fast path: 4-bit group-32 linears, bf16 elsewhere.
 
-``weights = int4`` swaps every ``nn.Linear`` of a causal LM (and its ``lm_head``, tied to
-the embedding or not) for an :class:`Int4Linear` that runs on
-``torch.ops.aten._weight_int4pack_mm_for_cpu``: bf16 activations ``x (M, K)``, 4-bit codes
-packed two per byte ``(N, K/2)``, and per group of 32 input features a bf16 scale and zero
-``scales_and_zeros (K/32, N, 2)``; the kernel's weight is ``(q - 8) * scale + zero``.
-The rest of the model (embedding, norms, attention arithmetic) runs in bf16.
+``weights = int4`` swaps every ``nn.Linear`` of a causal LM but the output head for an
+:class:`Int4Linear` that runs on ``torch.ops.aten._weight_int4pack_mm_for_cpu``: bf16
+activations ``x (M, K)``, 4-bit codes packed two per byte ``(N, K/2)``, and per group of
+32 input features a bf16 scale and zero ``scales_and_zeros (K/32, N, 2)``; the kernel's
+weight is ``(q - 8) * scale + zero``. Projections that read the same input (q/k/v,
+gate/up) share one kernel (:class:`Int4Fused`); from ``DENSE_ROWS`` input rows a bf16
+copy of the kernel's weight runs instead. The output head gives float32 logits
+(:class:`Int8Head` on integer matmuls, or :class:`Float32Head`). The rest of the model
+(embedding, norms as :class:`LeanRMSNorm`, attention arithmetic) runs in bf16.
 
 Where the codes come from:
 
