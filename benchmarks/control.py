@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import EMBEDDED, machine, report_ratio  # noqa: E402
-from processors.base import ProcessorEnv  # noqa: E402
+from processors.base import ModelGeometry, ProcessorEnv  # noqa: E402
 from processors.control import build_phase, control_specs  # noqa: E402
 from processors.stack import parse_stack  # noqa: E402
 from server.api.vectors import VectorCreate, extract_vector  # noqa: E402
@@ -172,8 +172,8 @@ def main() -> None:
     vec = extract_vector(body, list(range(L)), model, tok)
     extract_s = time.perf_counter() - t0
     print(f"extraction: {vec.info['pairs']} pairs, {L} layers, {extract_s:.1f} s")
-    env = ProcessorEnv(bundle.vocab_size, resources={
-        "control_vectors": {"mood": vec}, "model_geometry": {"num_layers": L, "hidden_size": D}})
+    env = ProcessorEnv(bundle.vocab_size, control_vectors={"mood": vec},
+                       geometry=ModelGeometry(num_layers=L, hidden_size=D))
     engine = Engine(model, tok)
     engine.start()
 

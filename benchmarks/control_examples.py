@@ -42,7 +42,7 @@ from benchmarks.control import (  # noqa: E402
     run_batch,
     sentiment,
 )
-from processors.base import ProcessorEnv  # noqa: E402
+from processors.base import ModelGeometry, ProcessorEnv  # noqa: E402
 from processors.control import ControlProcessor, build_phase  # noqa: E402
 from processors.stack import parse_stack  # noqa: E402
 from server.api.vectors import VectorCreate, extract_vector  # noqa: E402
@@ -67,8 +67,8 @@ def main() -> None:
     body = VectorCreate(name="mood", template=TEMPLATE, positive_words=POSITIVE,
                         negative_words=NEGATIVE, suffixes=SUFFIXES, chat=True)
     vec = extract_vector(body, list(range(1, L)), model, tok)
-    env = ProcessorEnv(bundle.vocab_size, resources={
-        "control_vectors": {"mood": vec}, "model_geometry": {"num_layers": L, "hidden_size": D}})
+    env = ProcessorEnv(bundle.vocab_size, control_vectors={"mood": vec},
+                       geometry=ModelGeometry(num_layers=L, hidden_size=D))
     engine = Engine(model, tok)
     engine.start()
     n = args.tokens

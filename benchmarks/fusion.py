@@ -93,7 +93,7 @@ def main() -> None:
     engine.start()
     small_engine.start()
     env = ProcessorEnv(strong.config.vocab_size,
-                       resources={"aux_models": {"small": "small_base", "expert": "expert"}})
+                       aux_roles={"small": "small_base", "expert": "expert"})
     stacks = {
         "strong": [],
         "static": [{"type": "fusion", "experts": ["expert"], "base": "small",

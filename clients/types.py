@@ -269,7 +269,11 @@ class Prior(_Response):
     default_weights: list[float] | None = None
     corpus: Any = None
     counts: Any = None
+    params: JSON | None = None
+    build_seconds: float | None = None
     created_at: Any = None
+    file_bytes: int | None = None
+    sha256: str | None = None
 
 
 class PriorList(ListResponse):
@@ -318,7 +322,20 @@ class ControlVector(_Response):
     layers: list[int] | None = None
     method: str | None = None
     hidden_size: int | None = None
+    model_hint: str | None = None
+    #: Each layer's direction norm (layer index as a string → L2 norm).
+    norms: dict[str, float] | None = None
+    #: Whether the serving model can apply it (absent while the server loads).
+    compatible: bool | None = None
+    source: str | None = None  # "extracted" | "gguf"
+    pairs: int | None = None
+    #: Per fitted layer: ``layer``, ``separation``, ``accuracy``, ``gap``, ``explained``.
+    separation: list[JSON] | None = None
+    best_layers: list[int] | None = None
+    build_seconds: float | None = None
     created_at: Any = None
+    file_bytes: int | None = None
+    sha256: str | None = None
 
 
 class ControlVectorList(ListResponse):

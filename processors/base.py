@@ -24,9 +24,13 @@ import abc
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
+
+if TYPE_CHECKING:  # the artifact types import this module
+    from processors.control import ControlVector
+    from processors.ngram import NgramPrior
 
 
 class ParamError(ValueError):
@@ -50,16 +54,40 @@ class ParamError(ValueError):
 
 
 @dataclass(frozen=True)
+class ModelGeometry:
+    """The serving model's shape as control vectors see it: ``num_layers`` decoder
+    blocks, each with a ``hidden_size``-wide output."""
+
+    num_layers: int
+    hidden_size: int
+
+
+@dataclass(frozen=True)
 class ProcessorEnv:
     """What validators may consult: the serving model's vocabulary and the artifacts.
 
-    ``resources`` maps a resource kind (e.g. ``"priors"``) to a lookup object owned by
-    the server; processors only read from it.
+    Every lookup is a typed field (a misspelled name is a type error, not a silent
+    empty lookup). The server owns the objects behind them (the artifact registries are
+    ``Mapping`` views that refresh themselves); processors only read from them.
+
+    Attributes:
+        vocab_size: the main model's output rows ``V``.
+        tokenizer_fingerprint: the serving tokenizer's fingerprint (a prior built with
+            another tokenizer is refused).
+        priors: n-gram style priors by name (``processors.ngram``).
+        control_vectors: control vectors by name (``processors.control``).
+        aux_roles: the auxiliary (fusion) models, name → ``"small_base"`` | ``"expert"``
+            (``processors.fusion``).
+        geometry: the model's blocks and hidden size, or None when unknown (a vector is
+            then only checked against itself).
     """
 
     vocab_size: int
     tokenizer_fingerprint: str = ""
-    resources: Mapping[str, Any] = field(default_factory=dict)
+    priors: Mapping[str, NgramPrior] = field(default_factory=dict)
+    control_vectors: Mapping[str, ControlVector] = field(default_factory=dict)
+    aux_roles: Mapping[str, str] = field(default_factory=dict)
+    geometry: ModelGeometry | None = None
 
 
 @dataclass
@@ -73,16 +101,31 @@ class StepContext:
         last_tokens: ``(B, 2)`` int64, the last two tokens of each row's sequence
             (prompt followed by generated tokens), oldest first; ``-1`` where the
             sequence is shorter than two tokens.
-        stats: per-step diagnostics a processor wants to report, name → ``(B,)`` float32
-            tensor. Only filled when ``want_stats`` is true, so unused diagnostics are free.
+        stats: the one channel for per-step diagnostics, name → float32 tensor, either
+            ``(B,)`` (one value per row) or ``(B, V)`` (one value per candidate token:
+            a processor cannot know the sampled token in ``apply``, so the engine reads
+            such a table at the token it samples, :meth:`row_stats`). NaN means
+            "undefined for this row". Only filled when ``want_stats`` is true, so unused
+            diagnostics are free.
         want_stats: whether any row of the batch asked for diagnostics.
+        aux_logits: the auxiliary (fusion) models' logits of this step, name →
+            ``(B, V)``; empty when no row of the batch uses fusion.
     """
 
     base_logits: torch.Tensor
     last_tokens: torch.Tensor
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     want_stats: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
+    aux_logits: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def row_stats(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every stat as ``(B,)``: per-candidate ``(B, V)`` tables read at the sampled
+        ``tokens (B,)`` (a gather on the device: no host sync)."""
+        idx = tokens.view(-1, 1)
+        return {
+            name: value.gather(1, idx).squeeze(1) if value.dim() == 2 else value
+            for name, value in self.stats.items()
+        }
 
 
 SpecT = TypeVar("SpecT")

@@ -51,7 +51,7 @@ once in the activation dtype.
 Example:
     >>> import numpy as np, torch
     >>> v = ControlVector("up", {1: np.ones(4, dtype=np.float32)})
-    >>> env = ProcessorEnv(vocab_size=8, resources={"control_vectors": {"up": v}})
+    >>> env = ProcessorEnv(vocab_size=8, control_vectors={"up": v})
     >>> spec = ControlProcessor.validate({"vector": "up", "alpha": 2.0}, env)
     >>> phase = build_phase([(spec,), ()], "prompt", torch.device("cpu"))
     >>> phase.begin(torch.ones(2, 1, dtype=torch.long))
@@ -100,8 +100,6 @@ MAX_INDEX = 1_000_000  # token-window bounds
 MAX_MARKER = 256  # characters of an "after" marker
 EXP_RATE = 5.0  # the "exp" schedule shape's rate per schedule length
 ARTIFACT_FORMAT = 1
-RESOURCE = "control_vectors"  # ProcessorEnv.resources key of the loaded vectors
-GEOMETRY = "model_geometry"  # resources key: {"num_layers": L, "hidden_size": D}
 
 
 # ------------------------------------------------------------------ the artifact
@@ -1002,12 +1000,12 @@ class ControlProcessor(Processor[ControlSpec]):
         name = params.get("vector")
         if not isinstance(name, str) or not name:
             raise ParamError("vector", f"'vector' must name a control vector, got {name!r}")
-        vectors = env.resources.get(RESOURCE) or {}
-        vec = vectors.get(name)
+        vec = env.control_vectors.get(name)
         if not isinstance(vec, ControlVector):
             raise ParamError("vector", f"unknown control vector '{name}'", status=404)
-        geometry = env.resources.get(GEOMETRY) or {}
-        D, L = geometry.get("hidden_size"), geometry.get("num_layers")
+        geometry = env.geometry
+        D = geometry.hidden_size if geometry is not None else None
+        L = geometry.num_layers if geometry is not None else None
         if D is not None and vec.hidden_size != D:
             raise ParamError(
                 "vector",

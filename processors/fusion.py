@@ -29,11 +29,11 @@ entries of the request's stack), so stacking composes.
   grid; each candidate's numbers are computed the same way in any chunking. With one
   expert this is exactly the paper's objective.
 
-Engine contract: ``ctx.extras["aux_logits"]`` maps an auxiliary model's name to its
+Engine contract: ``ctx.aux_logits`` maps an auxiliary model's name to its
 ``(B, V)`` float32 next-token logits for the current step, for every auxiliary model
 that some row of the batch uses; rows that do not use a model hold zeros there (and are
 never read by this processor). Names and roles are checked in ``validate`` against
-``env.resources["aux_models"]`` (name → role).
+``env.aux_roles`` (name → role).
 
 Diagnostics (``ctx.stats``, NaN on rows without fusion): ``fusion_alpha`` and
 ``fusion_expert`` (index into the request's ``experts``; dynamic rows only),
@@ -67,8 +67,6 @@ from processors.stack import register
 ROLE_SMALL_BASE = "small_base"
 ROLE_EXPERT = "expert"
 ROLES = (ROLE_SMALL_BASE, ROLE_EXPERT)
-RESOURCE = "aux_models"  # env.resources key: auxiliary model name -> role
-EXTRAS_KEY = "aux_logits"  # ctx.extras key: auxiliary model name -> (B, V) logits
 
 DEFAULT_GRID_MIN = 0.0
 DEFAULT_GRID_MAX = 2.0
@@ -148,12 +146,12 @@ def _model(name: Any, param: str, role: str, roles: Mapping[str, str]) -> str:
 
 
 class LogitFusion(Processor[FusionSpec]):
-    """Weak-to-strong logit fusion over auxiliary models' logits from ``ctx.extras``.
+    """Weak-to-strong logit fusion over auxiliary models' logits from ``ctx.aux_logits``.
 
     Example (static, α = 1: the expert's shift on top of the strong model):
         >>> import torch
         >>> from processors.base import ProcessorEnv, StepContext
-        >>> env = ProcessorEnv(3, resources={"aux_models": {"s": "small_base", "e": "expert"}})
+        >>> env = ProcessorEnv(3, aux_roles={"s": "small_base", "e": "expert"})
         >>> spec = LogitFusion.validate(
         ...     {"experts": ["e"], "base": "s", "mode": "static", "alpha": [1.0]}, env)
         >>> p = LogitFusion(torch.device("cpu"), 3)
@@ -161,7 +159,7 @@ class LogitFusion(Processor[FusionSpec]):
         >>> strong = torch.zeros(1, 3)
         >>> aux = {"s": torch.zeros(1, 3), "e": torch.tensor([[0.0, 0.0, 5.0]])}
         >>> ctx = StepContext(base_logits=strong, last_tokens=torch.full((1, 2), -1),
-        ...                   extras={"aux_logits": aux})
+        ...                   aux_logits=aux)
         >>> int(p.apply(ctx, strong).argmax())
         2
     """
@@ -175,9 +173,9 @@ class LogitFusion(Processor[FusionSpec]):
 
     @classmethod
     def validate(cls, params: Mapping[str, Any], env: ProcessorEnv) -> FusionSpec:
-        """Check names and roles against ``env.resources["aux_models"]`` and the grid."""
+        """Check names and roles against ``env.aux_roles`` and the grid."""
         check_keys(params, {"experts", "base", "mode", "alpha", "grid"})
-        roles: Mapping[str, str] = env.resources.get(RESOURCE) or {}
+        roles = env.aux_roles
         experts = params.get("experts")
         if isinstance(experts, str):
             experts = [experts]
@@ -295,7 +293,7 @@ class LogitFusion(Processor[FusionSpec]):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``M_L (n,V)``, ``M_S (n,V)`` and ``M_t (n,T,V)``: float32 log-probs of the
         fusion rows."""
-        aux: Mapping[str, torch.Tensor] = ctx.extras[EXTRAS_KEY]
+        aux = ctx.aux_logits
         stacked = torch.stack([aux[m] for m in self._names])  # (N, B, V)
         if not self._all_rows:
             stacked, logits = stacked.index_select(1, self._sel), logits.index_select(0, self._sel)

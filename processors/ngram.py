@@ -30,15 +30,15 @@ Token ids the model can emit but the prior does not know (a model vocabulary pad
 the tokenizer's size) get the row's *least* likely prior value: they are never favoured.
 
 Diagnostics: when the batch wants them, the processor registers a ``(B, V)`` table of
-``−log p_style`` under ``ctx.extras["token_stats"]["style_nll"]``; the engine gathers it
-at the sampled tokens after sampling (NaN for rows without a prior), which the summary
+``−log p_style`` as ``ctx.stats["style_nll"]``; the engine reads it at the sampled tokens
+after sampling (``StepContext.row_stats``) (NaN for rows without a prior), which the summary
 turns into ``style_ppl``. With several ngram entries in one row, the last one reports.
 
 Example:
     >>> import torch
     >>> from processors.base import ProcessorEnv, StepContext
     >>> prior = NgramPrior.build("demo", [[0, 1, 2, 0, 1, 3]], vocab_size=4)
-    >>> env = ProcessorEnv(vocab_size=4, resources={"priors": {"demo": prior}})
+    >>> env = ProcessorEnv(vocab_size=4, priors={"demo": prior})
     >>> spec = NgramProcessor.validate({"prior": "demo", "lambda": 1.0}, env)
     >>> p = NgramProcessor(torch.device("cpu"), 4)
     >>> p.update_state([spec, None])
@@ -89,7 +89,6 @@ from processors.stack import register
 
 MAX_LAMBDA = 100.0
 ARTIFACT_FORMAT = 1
-TOKEN_STATS = "token_stats"  # ctx.extras key: name -> (B, V) table gathered after sampling
 Scale = Literal["raw", "zscore"]
 _SENTINEL_KEY = torch.iinfo(torch.int64).max
 
@@ -473,15 +472,14 @@ class NgramSpec:
 
 
 def add_token_stat(ctx: StepContext, name: str, table: torch.Tensor, rows: torch.Tensor) -> None:
-    """Register ``table (B, V)`` to be gathered at the sampled tokens as stat ``name``.
+    """Set stat ``name`` to ``table (B, V)``, read at the sampled tokens by the engine.
 
     Rows where ``rows (B, 1)`` is false become NaN ("undefined"); a table already
     registered under ``name`` by an earlier processor keeps those rows.
     """
-    stats: dict[str, torch.Tensor] = ctx.extras.setdefault(TOKEN_STATS, {})
-    prev = stats.get(name)
+    prev = ctx.stats.get(name)
     fallback = prev if prev is not None else torch.full_like(table, math.nan)
-    stats[name] = torch.where(rows, table, fallback)
+    ctx.stats[name] = torch.where(rows, table, fallback)
 
 
 def _pad_columns(x: torch.Tensor, V: int, fill: torch.Tensor) -> torch.Tensor:
@@ -508,8 +506,7 @@ class NgramProcessor(Processor[NgramSpec]):
         name = params.get("prior")
         if not isinstance(name, str) or not name:
             raise ParamError("prior", f"'prior' must be the name of a prior, got {name!r}")
-        priors = env.resources.get("priors") or {}
-        prior = priors.get(name)
+        prior = env.priors.get(name)
         if not isinstance(prior, NgramPrior):
             raise ParamError("prior", f"unknown prior '{name}'", status=404)
         if prior.tokenizer_fingerprint != env.tokenizer_fingerprint:

@@ -386,7 +386,7 @@ Encoder = Callable[[T], tuple[dict[str, np.ndarray], dict[str, Any]]]
 
 class ArtifactRegistry(Mapping[str, T], Generic[T]):
     """The loaded artifacts of one kind: a read-only ``Mapping[name, T]`` for processors
-    (``ProcessorEnv.resources``), plus thread-safe add/remove for the API.
+    (``ProcessorEnv.priors``, ``.control_vectors``), plus thread-safe add/remove for the API.
 
     ``decode(name, arrays, meta)`` turns stored arrays into an object (raising
     ValueError on bad content); ``encode(obj)`` gives ``(arrays, meta)`` back.

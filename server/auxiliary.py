@@ -135,22 +135,22 @@ def render_prompt(
     return chat_template_ids(tok, messages, chat_template=aux.chat_template)
 
 
-
 def expert_prompts(
     steering: Sequence[Any],
-    resources: Mapping[str, Any],
+    models: Sequence[AuxBundle],
     request: Any,
     main_tokenizer: Any,
     max_tokens: int,
 ) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """``(name, prompt ids)`` for every model with its own template that ``steering``
-    uses (``GenerationRequest.aux_prompt_ids``). ``request`` is the wire request (its
+    uses (``GenerationRequest.aux_prompt_ids``). ``models`` are the server's auxiliary
+    models (``ServerState.aux``); ``request`` is the wire request (its
     ``messages`` or ``prompt``). Raises ParamError when a rendered prompt does not fit
     the model's context with ``max_tokens``."""
     from processors.base import ParamError
     from processors.fusion import fusion_models
 
-    bundles: Mapping[str, AuxBundle] = resources.get("aux_bundles") or {}
+    bundles = {a.name: a for a in models}
     names = sorted(n for n in fusion_models(steering) if n in bundles)
     out: list[tuple[str, tuple[int, ...]]] = []
     messages = None

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import BaseModel
 
 import processors  # noqa: F401  (registers the shipped processors)
 from server import __version__
@@ -18,8 +19,10 @@ from server.api.errors import APIError, install_error_handlers
 from server.api.metrics import ServerMetrics
 from server.api.metrics import router as metrics_router
 from server.api.openai_compat import router as openai_router
+from server.api.openai_protocol import ChatCompletionChunk, CompletionChunk
 from server.api.playground import install_playground
 from server.api.priors import router as priors_router
+from server.api.protocol import StreamEvent
 from server.api.routes import router
 from server.api.state import ServerState
 from server.api.sweep import router as sweep_router
@@ -229,6 +232,15 @@ class JSONBodyGuard:
         await self.app(scope, replay, send)
 
 
+# The model of every ``data:`` frame of each streaming endpoint (SSE is not a JSON body,
+# so FastAPI cannot see them): OpenAPI documents them under ``text/event-stream``.
+STREAM_FRAMES: dict[str, type[BaseModel]] = {
+    "/v1/generate": StreamEvent,
+    "/v1/completions": CompletionChunk,
+    "/v1/chat/completions": ChatCompletionChunk,
+}
+
+
 def tidy_openapi(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Make the generated OpenAPI schema say what the server does (in place).
 
@@ -236,6 +248,8 @@ def tidy_openapi(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     this server answers 400 in the error envelope instead (``errors.validation_error``).
     Every operation with a body can also get a 400 (bad JSON) and a 413 (body size),
     and with API keys set every protected path a 401, all as ``ErrorResponse``.
+    A streaming endpoint's ``text/event-stream`` answer names its frame model
+    (:data:`STREAM_FRAMES`).
     """
     envelope = {
         "description": "Error",
@@ -256,6 +270,18 @@ def tidy_openapi(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     components = schema.get("components", {}).get("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
+    for path, frame in STREAM_FRAMES.items():
+        ok = schema.get("paths", {}).get(path, {}).get("post", {}).get("responses", {}).get("200")
+        if ok is None:
+            continue
+        doc = frame.model_json_schema(ref_template="#/components/schemas/{model}",
+                                      mode="serialization")
+        for name, sub in doc.pop("$defs", {}).items():
+            components.setdefault(name, sub)
+        components.setdefault(frame.__name__, doc)
+        ok.setdefault("content", {})["text/event-stream"] = {
+            "schema": {"$ref": f"#/components/schemas/{frame.__name__}"}
+        }
     return schema
 
 

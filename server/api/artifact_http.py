@@ -2,7 +2,7 @@
 
 One home for what both artifact kinds do the same way: the registry lookup (503 while
 loading), the error helper, the name check, the stored-record fields of a card, the
-list and delete endpoints' bodies, and the build runner.
+list and delete endpoints' bodies and response models, and the build runner.
 
 Builds (a prior's tokenize-and-count, a vector's extraction, a GGUF import) are bounded
 and abandonable (:func:`run_build`): at most ``max_concurrent_builds`` run at once per
@@ -10,7 +10,9 @@ server (more get 429 with ``Retry-After``), each gets ``build_timeout_s``, and a
 that disconnects abandons its build. The work runs on a worker thread and receives a
 :class:`threading.Event` it checks between stages (:func:`check_cancelled`); an
 abandoned build stores nothing and keeps its slot until its thread has really ended,
-so the bound holds for threads, not just for requests. Storing goes through
+so the bound holds for threads, not just for requests. (An extraction's worker hands
+its forwards to the engine as a job, ``server.engine.extract``, and waits; the job shares
+the event, so the engine drops it before its next forward.) Storing goes through
 :func:`store_artifact`, which enforces the memory budget of loaded artifacts
 (``max_artifact_bytes``, 507 when full).
 """
@@ -25,6 +27,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from server.api.errors import APIError
@@ -41,7 +45,34 @@ from server.artifacts import (
 
 log = logging.getLogger("steerserve.api")
 R = TypeVar("R")
-ARTIFACT_KINDS = ("priors", "control_vectors")  # ServerState.resources keys of registries
+C = TypeVar("C", bound=BaseModel)
+
+
+# Artifact responses are declared models serialized with ``exclude_unset`` (:func:`wire`):
+# a key is on the wire exactly when the server set it (a card's optional build facts, the
+# stored-record fields), so the OpenAPI schema lists every key a card can carry.
+STORED_AT = "When it was stored (Unix seconds); with file_bytes and sha256, the stored file."
+
+
+class Skipped(BaseModel):
+    """An artifact file found corrupt and not loaded."""
+
+    name: str
+    reason: str
+
+
+class Deleted(BaseModel):
+    """The answer of ``DELETE /v1/<kind>/{name}``."""
+
+    name: str
+    object: str = Field(description="The artifact kind: prior | control_vector.")
+    deleted: bool = True
+
+
+def wire(model: BaseModel, status_code: int = 200) -> JSONResponse:
+    """``model`` as its JSON response: the fields it was built with (``exclude_unset``;
+    build every always-present field explicitly, ``object`` included)."""
+    return JSONResponse(model.model_dump(exclude_unset=True), status_code=status_code)
 
 
 def bad(param: str, message: str, status: int = 400) -> APIError:
@@ -57,9 +88,8 @@ def check_artifact_name(name: str) -> None:
         raise bad("name", str(err)) from None
 
 
-def registry(state: ServerState, key: str) -> ArtifactRegistry[Any]:
-    """The registry under ``state.resources[key]`` (attached with the model), or 503."""
-    reg = state.resources.get(key)
+def registry(reg: ArtifactRegistry[R] | None) -> ArtifactRegistry[R]:
+    """``reg`` (a ``ServerState`` registry, attached with the model), or 503 before."""
     if reg is None:
         raise APIError(503, "the server is still loading", headers={"Retry-After": "1"})
     return reg
@@ -75,21 +105,18 @@ def record_fields(reg: ArtifactRegistry[Any], name: str) -> dict[str, Any]:
 
 
 async def list_artifacts(
-    reg: ArtifactRegistry[R], card: Callable[[R], dict[str, Any]]
-) -> dict[str, Any]:
-    """The body of ``GET /v1/<kind>``: every loaded artifact's card, and those skipped
+    reg: ArtifactRegistry[R], card: Callable[[R], C]
+) -> tuple[list[C], list[Skipped]]:
+    """The parts of ``GET /v1/<kind>``: every loaded artifact's card, and those skipped
     as corrupt (name and reason). Replicas sharing the volume may have added some."""
     await run_in_threadpool(reg.refresh)
-    return {
-        "object": "list",
-        "data": [card(reg[name]) for name in reg],
-        "skipped": [{"name": k, "reason": v} for k, v in sorted(reg.corrupt.items())],
-    }
+    skipped = [Skipped(name=k, reason=v) for k, v in sorted(reg.corrupt.items())]
+    return [card(reg[name]) for name in reg], skipped
 
 
 async def delete_artifact(
     reg: ArtifactRegistry[Any], name: str, what: str, object_type: str
-) -> dict[str, Any]:
+) -> JSONResponse:
     """The body of ``DELETE /v1/<kind>/{name}`` (404 unknown, 409 while being written)."""
     try:
         check_name(name)
@@ -98,7 +125,7 @@ async def delete_artifact(
         raise bad("name", f"unknown {what} '{name}'", 404) from None
     except ArtifactBusyError:
         raise bad("name", f"{what} '{name}' is being written; try again", 409) from None
-    return {"name": name, "object": object_type, "deleted": True}
+    return wire(Deleted(name=name, object=object_type, deleted=True))
 
 
 # ------------------------------------------------------------------------ builds
@@ -148,11 +175,8 @@ def build_slots(state: ServerState) -> BuildSlots:
 
 def used_artifact_bytes(state: ServerState) -> int:
     """Stored bytes of every loaded artifact of every kind."""
-    return sum(
-        reg.loaded_bytes()
-        for key in ARTIFACT_KINDS
-        if isinstance(reg := state.resources.get(key), ArtifactRegistry)
-    )
+    registries: tuple[ArtifactRegistry[Any] | None, ...] = (state.priors, state.control_vectors)
+    return sum(reg.loaded_bytes() for reg in registries if reg is not None)
 
 
 def check_budget_room(state: ServerState) -> None:

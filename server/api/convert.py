@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from processors.base import ParamError, ProcessorEnv
 from processors.stack import parse_stack, stack_warnings
 from server.api.errors import APIError
 from server.api.protocol import GenerateRequest
-from server.auxiliary import expert_prompts
+from server.auxiliary import AuxBundle, expert_prompts
 from server.chat import chat_template_ids
 from server.engine.types import DiagnosticsMode, GenerationRequest, SamplingParams
 from server.loading import ModelBundle
@@ -128,13 +129,15 @@ def to_generation_request(
     *,
     request_id: str | None = None,
     prompt_cache: dict[str, list[int]] | None = None,
+    aux: Sequence[AuxBundle] = (),
 ) -> GenerationRequest:
     """Validate ``req`` against the model and limits; build the engine request.
 
     The checks that need no tokenizer run first, so an oversized prompt or stop list is
     refused before any tokenizing work is done. ``prompt_cache`` (a sweep's points
     mostly share one prompt) maps a prompt's JSON to its ids, so each distinct prompt
-    is tokenized once."""
+    is tokenized once. ``aux`` are the server's auxiliary models (``ServerState.aux``):
+    a fusion expert with its own chat template gets its own prompt ids."""
     stops = _stop_list(req, settings)
     max_prompt = min(settings.max_prompt_tokens or bundle.context_length, bundle.context_length)
     check_prompt_chars(req, bundle, max_prompt)
@@ -204,7 +207,7 @@ def to_generation_request(
     try:
         steering = parse_stack(entries, env, max_len=settings.max_steering_entries)
         # Fusion experts with their own prompt template get their own prompt ids.
-        aux_prompts = expert_prompts(steering, env.resources, req, bundle.tokenizer, max_tokens)
+        aux_prompts = expert_prompts(steering, aux, req, bundle.tokenizer, max_tokens)
     except ParamError as err:
         raise APIError.from_param_error(err) from None
     diagnostics: DiagnosticsMode = "off"

@@ -99,15 +99,9 @@ class APIError(Exception):
         self.type = type or ERROR_TYPES.get(status, "server_error")
 
     def body(self) -> dict[str, Any]:
-        """The JSON envelope."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        """The JSON envelope (:class:`ErrorResponse`)."""
+        body = ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
+        return ErrorResponse(error=body).model_dump()
 
     def response(self) -> JSONResponse:
         """As a JSON response."""

@@ -36,10 +36,15 @@ from server.api.disconnect import cancel_on_disconnect, peek_first
 from server.api.errors import APIError, clip, validation_error
 from server.api.openai_protocol import (
     ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatDelta,
     ChatMessageOut,
     CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
     CompletionRequest,
     CompletionResponse,
     UsageOut,
@@ -229,7 +234,8 @@ def _plan(
     requests: list[GenerationRequest] = []
     for p, native in enumerate(natives):
         try:
-            base = to_generation_request(native, bundle, s, env, request_id=base_id)
+            base = to_generation_request(native, bundle, s, env, request_id=base_id,
+                                         aux=state.aux)
         except APIError as err:
             raise _remap_param(err, bool(body.logit_bias)) from None
         if ignored:
@@ -367,12 +373,12 @@ def chat_logprobs(
     return {"content": content, "refusal": None}
 
 
-def _usage(states: Sequence[_ChoiceState], n: int) -> dict[str, int]:
+def _usage(states: Sequence[_ChoiceState], n: int) -> UsageOut:
     """Usage of a call: each prompt counted once, every choice's completion tokens."""
     prompt = sum(s.finish.prompt_tokens for s in states[::n] if s.finish)
     completion = sum(s.finish.completion_tokens for s in states if s.finish)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    return UsageOut(prompt_tokens=prompt, completion_tokens=completion,
+                    total_tokens=prompt + completion)
 
 
 def _logprob_items(ev: TokenEvent) -> list[tuple[int, TokenLogprob]]:
@@ -408,7 +414,7 @@ async def _collect(
             lp = (completion_logprobs(st.logprobs, strings, 0) if kind == "completion"
                   else chat_logprobs(st.logprobs, strings))
         finished.append((i, "".join(st.text), st.finish, lp))
-    usage = UsageOut(**_usage(states, len(plan.requests) // plan.n_prompts))
+    usage = _usage(states, len(plan.requests) // plan.n_prompts)
     warnings = _warnings(plan) or None  # steerserve extra, like the native API's
     if kind == "completion":
         return CompletionResponse(
@@ -455,8 +461,18 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     """SSE chunks for every choice, interleaved (``events``: the choices' events, the
     first already peeked at); cancels the rest if the client leaves."""
-    obj = "text_completion" if kind == "completion" else "chat.completion.chunk"
     states = [_ChoiceState() for _ in plan.requests]
+    # ``usage`` is on every chunk (null) only when asked for (``exclude_unset`` below).
+    extra: dict[str, Any] = {"usage": None} if plan.include_usage else {}
+
+    def frame(choices: list[Any], **fields: Any) -> bytes:
+        top = dict(id=call_id, created=created, model=model, **fields)
+        chunk: CompletionChunk | ChatCompletionChunk
+        if kind == "completion":
+            chunk = CompletionChunk(object="text_completion", choices=choices, **top)
+        else:
+            chunk = ChatCompletionChunk(object="chat.completion.chunk", choices=choices, **top)
+        return sse(chunk.model_dump(exclude_unset=True))
 
     def chunk(index: int, text: str | None, items: Sequence[tuple[int, TokenLogprob]],
               finish: str | None, role: bool = False) -> bytes:
@@ -468,22 +484,18 @@ async def _stream(
                 st.offset += sum(len(t) for t in lp["tokens"])
             else:
                 lp = chat_logprobs(items, strings)
-        choice: dict[str, Any] = {"index": index}
-        if kind == "completion":
-            choice["text"] = text or ""
-        else:
-            delta: dict[str, Any] = {"role": "assistant"} if role else {}
-            if text is not None:
-                delta["content"] = text
-            choice["delta"] = delta
-        choice.update(logprobs=lp, finish_reason=finish)
-        frame: dict[str, Any] = {"id": call_id, "object": obj, "created": created,
-                                 "model": model, "choices": [choice]}
+        common: dict[str, Any] = dict(index=index, logprobs=lp, finish_reason=finish)
         if st.finish is not None and st.finish.diagnostics is not None:
-            choice["diagnostics"] = st.finish.diagnostics
-        if plan.include_usage:
-            frame["usage"] = None
-        return sse(frame)
+            common["diagnostics"] = st.finish.diagnostics
+        choice: CompletionChunkChoice | ChatChunkChoice
+        if kind == "completion":
+            choice = CompletionChunkChoice(text=text or "", **common)
+        else:
+            delta = ChatDelta(role="assistant") if role else ChatDelta()
+            if text is not None:
+                delta.content = text  # assignment marks it set: it goes on the wire
+            choice = ChatChunkChoice(delta=delta, **common)
+        return frame([choice], **extra)
 
     try:
         if kind == "chat":
@@ -504,9 +516,7 @@ async def _stream(
                 break
         else:
             if plan.include_usage:
-                yield sse({"id": call_id, "object": obj, "created": created, "model": model,
-                           "choices": [],
-                           "usage": _usage(states, len(plan.requests) // plan.n_prompts)})
+                yield frame([], usage=_usage(states, len(plan.requests) // plan.n_prompts))
         yield sse("[DONE]")
     finally:
         streams.cancel()

@@ -182,3 +182,69 @@ class ChatCompletionResponse(BaseModel):
     warnings: list[str] | None = Field(
         None, description="steerserve extra: notes on the steering stack (sent when any)."
     )
+
+
+# Streaming chunks (SSE ``data:`` frames), serialized with ``exclude_unset``: a key is on
+# the wire exactly when the server set it — ``delta.role`` on a choice's first chunk,
+# ``delta.content`` when there is text, ``diagnostics`` on the finishing chunk when asked
+# for, ``usage`` (null, then the totals on a last chunk with no choices) only with
+# ``stream_options.include_usage`` — as OpenAI's chunks do. See ``openai_compat._stream``.
+
+
+class CompletionChunkChoice(BaseModel):
+    """One choice's piece of a streaming text completion."""
+
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    diagnostics: dict[str, Any] | None = Field(
+        None, description="steerserve extra: steering diagnostics (on the finishing chunk)."
+    )
+
+
+class CompletionChunk(BaseModel):
+    """One SSE frame of a streaming ``POST /v1/completions``."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: UsageOut | None = Field(
+        None, description="Only with stream_options.include_usage: null on every chunk, "
+        "the call's totals on a last chunk with no choices.",
+    )
+
+
+class ChatDelta(BaseModel):
+    """What a chat chunk adds to the assistant's message."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    """One choice's piece of a streaming chat completion."""
+
+    index: int
+    delta: ChatDelta
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    diagnostics: dict[str, Any] | None = Field(
+        None, description="steerserve extra: steering diagnostics (on the finishing chunk)."
+    )
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE frame of a streaming ``POST /v1/chat/completions``."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageOut | None = Field(
+        None, description="Only with stream_options.include_usage: null on every chunk, "
+        "the call's totals on a last chunk with no choices.",
+    )

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -30,6 +30,9 @@ from processors.ngram_tables import (
     MIN_ADD_K,
 )
 from server.api.artifact_http import (
+    STORED_AT,
+    Deleted,
+    Skipped,
     bad,
     check_artifact_name,
     check_budget_room,
@@ -39,6 +42,7 @@ from server.api.artifact_http import (
     record_fields,
     run_build,
     store_artifact,
+    wire,
 )
 from server.api.artifact_http import (
     registry as artifact_registry,
@@ -103,13 +107,51 @@ class CorpusCard(BaseModel):
 
 def registry(state: ServerState) -> ArtifactRegistry[NgramPrior]:
     """The loaded priors (attached with the model), or 503 while loading."""
-    return artifact_registry(state, "priors")
+    return artifact_registry(state.priors)
+
+
+class CorpusList(BaseModel):
+    """``GET /v1/corpora``."""
+
+    object: Literal["list"] = "list"
+    data: list[CorpusCard]
+
+
+class PriorCard(BaseModel):
+    """A stored n-gram style prior (``GET /v1/priors/{name}``); the build facts are
+    there when the prior has them."""
+
+    name: str
+    object: Literal["prior"] = "prior"
+    estimator: str
+    orders: list[int]
+    vocab_size: int
+    tokenizer_fingerprint: str
+    compatible: bool = Field(description="Built with the serving model's tokenizer.")
+    default_weights: list[float] | None = Field(
+        description="Jelinek-Mercer interpolation weights (null for other estimators)."
+    )
+    corpus: dict[str, Any] | None = Field(None, description="Where the text came from.")
+    counts: dict[str, Any] | None = Field(None, description="Tokens, documents, n-grams.")
+    params: dict[str, Any] | None = Field(None, description="The estimator's parameters.")
+    build_seconds: float | None = None
+    created_at: float | None = Field(None, description=STORED_AT)
+    file_bytes: int | None = None
+    sha256: str | None = None
+
+
+class PriorList(BaseModel):
+    """``GET /v1/priors``."""
+
+    object: Literal["list"] = "list"
+    data: list[PriorCard]
+    skipped: list[Skipped]
 
 
 def prior_card(
     reg: ArtifactRegistry[NgramPrior], prior: NgramPrior, fingerprint: str
-) -> dict[str, Any]:
-    """The JSON description of a prior (``GET /v1/priors/{name}``)."""
+) -> PriorCard:
+    """The description of a prior (``GET /v1/priors/{name}``)."""
     info = dict(prior.info)
     card: dict[str, Any] = {
         "name": prior.name,
@@ -127,7 +169,7 @@ def prior_card(
         if key in info:
             card[key] = info.pop(key)
     card.update(record_fields(reg, prior.name))
-    return card
+    return PriorCard(**card)
 
 
 _bad = bad
@@ -283,7 +325,7 @@ def build_prior(
     return prior
 
 
-@router.post("/v1/priors", status_code=201, responses=_ERRORS)
+@router.post("/v1/priors", status_code=201, response_model=PriorCard, responses=_ERRORS)
 async def create_prior(body: PriorCreate, request: Request, state: StateDep) -> JSONResponse:
     """Build an n-gram style prior from uploaded text or a named corpus (201)."""
     bundle, _, env = state.ready()
@@ -309,34 +351,35 @@ async def create_prior(body: PriorCreate, request: Request, state: StateDep) -> 
         stored.sha256[:12],
         prior.info["build_seconds"],
     )
-    return JSONResponse(prior_card(reg, prior, env.tokenizer_fingerprint), status_code=201)
+    return wire(prior_card(reg, prior, env.tokenizer_fingerprint), 201)
 
 
-@router.get("/v1/priors", responses=error_responses(503))
-async def list_priors(state: StateDep) -> dict[str, Any]:
+@router.get("/v1/priors", response_model=PriorList, responses=error_responses(503))
+async def list_priors(state: StateDep) -> JSONResponse:
     """Every loaded prior, and the artifacts skipped as corrupt (name and reason)."""
     reg = registry(state)
     fp = state.env.tokenizer_fingerprint if state.env else ""
-    return await list_artifacts(reg, lambda prior: prior_card(reg, prior, fp))
+    cards, skipped = await list_artifacts(reg, lambda prior: prior_card(reg, prior, fp))
+    return wire(PriorList(object="list", data=cards, skipped=skipped))
 
 
-@router.get("/v1/priors/{name}", responses=_READ_ERRORS)
-async def get_prior(name: str, state: StateDep) -> dict[str, Any]:
+@router.get("/v1/priors/{name}", response_model=PriorCard, responses=_READ_ERRORS)
+async def get_prior(name: str, state: StateDep) -> JSONResponse:
     """One prior: counts, orders, estimator, tokenizer fingerprint, corpus size."""
     reg = registry(state)
     prior = artifact_or_404(reg, name, "prior")
     fp = state.env.tokenizer_fingerprint if state.env else ""
-    return prior_card(reg, prior, fp)
+    return wire(prior_card(reg, prior, fp))
 
 
-@router.delete("/v1/priors/{name}", responses=_READ_ERRORS)
-async def delete_prior(name: str, state: StateDep) -> dict[str, Any]:
+@router.delete("/v1/priors/{name}", response_model=Deleted, responses=_READ_ERRORS)
+async def delete_prior(name: str, state: StateDep) -> JSONResponse:
     """Delete a prior (also one skipped as corrupt). Running requests keep theirs."""
     return await delete_artifact(registry(state), name, "prior", "prior")
 
 
-@router.get("/v1/corpora")
-async def list_corpora() -> dict[str, Any]:
+@router.get("/v1/corpora", response_model=CorpusList)
+async def list_corpora() -> JSONResponse:
     """The named corpora this build knows and whether each is installed."""
     cards = []
     for name in corpus_names():
@@ -349,6 +392,6 @@ async def list_corpora() -> dict[str, Any]:
                 license=info.license,
                 installed=corpus_available(name),
                 install=info.install,
-            ).model_dump()
+            )
         )
-    return {"object": "list", "data": cards}
+    return wire(CorpusList(object="list", data=cards))

@@ -71,7 +71,9 @@ def error_payload(ev: ErrorEvent) -> dict[str, Any]:
 async def generate(body: GenerateRequest, request: Request, state: StateDep) -> Any:
     """Generate from one prompt with a per-request steering stack (SSE with stream)."""
     bundle, engine, env = state.ready()
-    req = await run_in_threadpool(to_generation_request, body, bundle, state.settings, env)
+    req = await run_in_threadpool(
+        lambda: to_generation_request(body, bundle, state.settings, env, aux=state.aux)
+    )
     stream = submit(state, engine, req)
     model = bundle.name
 

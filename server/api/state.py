@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from processors.base import ProcessorEnv
-from processors.control import GEOMETRY, RESOURCE, ControlVector
+from processors.base import ModelGeometry, ProcessorEnv
+from processors.control import ControlVector
 from processors.ngram import NgramPrior
 from server.api.errors import APIError
 from server.api.protocol import HealthStatus
@@ -36,7 +37,13 @@ log = logging.getLogger("steerserve.api")
 
 @dataclass
 class ServerState:
-    """Everything a route needs; one instance per app."""
+    """Everything a route needs; one instance per app.
+
+    The artifact registries and the model geometry are typed fields, set by
+    :meth:`attach` (None while loading); ``env`` hands the processors read-only views of
+    them. Server-only things (the auxiliary bundles with their prompt templates) stay
+    here, outside the processors' environment.
+    """
 
     settings: Settings
     bundle: ModelBundle | None = None
@@ -44,7 +51,9 @@ class ServerState:
     env: ProcessorEnv | None = None
     status: HealthStatus = "loading"
     detail: str | None = None
-    resources: dict[str, Any] = field(default_factory=dict)
+    priors: ArtifactRegistry[NgramPrior] | None = None
+    control_vectors: ArtifactRegistry[ControlVector] | None = None
+    geometry: ModelGeometry | None = None
     metrics: Any = None  # server.api.metrics.ServerMetrics (also the engine's observer)
     _drain_timer: threading.Timer | None = None
     aux: list[AuxBundle] = field(default_factory=list)  # fusion's auxiliary models
@@ -61,20 +70,18 @@ class ServerState:
         if aux is None:
             aux = load_aux_models(s.aux_models, bundle, s.data_dir)
         check_aux(bundle, aux)
-        self.aux = aux
-        self.resources["aux_models"] = aux_roles(aux)  # name -> role (fusion validate)
-        self.resources["aux_bundles"] = {a.name: a for a in aux}  # expert templates
-        # Artifacts processors look up by name (validate() reads env.resources).
-        if "priors" not in self.resources:
-            self.resources["priors"] = ArtifactRegistry.open(
+        self.aux = aux  # fusion's models; their templates stay server-side
+        # Artifacts processors look up by name (validate() reads them through env).
+        if self.priors is None:
+            self.priors = ArtifactRegistry.open(
                 Path(s.data_dir) / "priors",
                 "prior",
                 NgramPrior.from_artifact,
                 NgramPrior.to_artifact,
                 tmp_grace_s=s.artifact_tmp_grace_s,
             )
-        if RESOURCE not in self.resources:
-            self.resources[RESOURCE] = ArtifactRegistry.open(
+        if self.control_vectors is None:
+            self.control_vectors = ArtifactRegistry.open(
                 Path(s.data_dir) / "control-vectors",
                 "control_vector",
                 ControlVector.from_artifact,
@@ -82,10 +89,7 @@ class ServerState:
                 tmp_grace_s=s.artifact_tmp_grace_s,
             )
         cfg = bundle.model.config
-        self.resources[GEOMETRY] = {
-            "num_layers": int(cfg.num_hidden_layers),
-            "hidden_size": int(cfg.hidden_size),
-        }
+        self.geometry = ModelGeometry(int(cfg.num_hidden_layers), int(cfg.hidden_size))
         engine = Engine(
             bundle.model,
             bundle.tokenizer,
@@ -105,7 +109,10 @@ class ServerState:
         self.env = ProcessorEnv(
             vocab_size=bundle.vocab_size,
             tokenizer_fingerprint=bundle.tokenizer_fingerprint(),
-            resources=self.resources,
+            priors=self.priors,
+            control_vectors=self.control_vectors,
+            aux_roles=aux_roles(aux),
+            geometry=self.geometry,
         )
         self.bundle, self.engine = bundle, engine
         self.status = "ok"
@@ -214,18 +221,27 @@ class EventStream:
             self.handle.cancel()
 
 
-def submit_all(
-    state: ServerState, engine: Engine, items: list[tuple[GenerationRequest, EventSink]]
-) -> list[RequestHandle]:
-    """``engine.submit_many`` with a full queue mapped to 429 and a dead engine to 503."""
+@contextlib.contextmanager
+def engine_errors(state: ServerState) -> Iterator[None]:
+    """Map the engine's refusals to HTTP: a full queue is 429 (``Retry-After``), an
+    engine that is not running 503. Every submission (requests, extraction jobs) goes
+    through this, so they fail alike."""
     try:
-        return engine.submit_many(items)
+        yield
     except QueueFullError as err:
         raise APIError(
             429, str(err), headers={"Retry-After": str(max(1, state.settings.retry_after_s))}
         ) from None
     except EngineUnavailableError as err:
         raise APIError(503, str(err), headers={"Retry-After": "5"}) from None
+
+
+def submit_all(
+    state: ServerState, engine: Engine, items: list[tuple[GenerationRequest, EventSink]]
+) -> list[RequestHandle]:
+    """``engine.submit_many`` with a full queue mapped to 429 and a dead engine to 503."""
+    with engine_errors(state):
+        return engine.submit_many(items)
 
 
 def submit(state: ServerState, engine: Engine, req: GenerationRequest) -> EventStream:

@@ -119,7 +119,7 @@ async def sweep(body: SweepRequest, request: Request, state: StateDep) -> JSONRe
             try:
                 out.append(to_generation_request(
                     wire, bundle, state.settings, env, request_id=f"{sweep_id}-{i}",
-                    prompt_cache=prompts))
+                    prompt_cache=prompts, aux=state.aux))
             except APIError as err:
                 where = ", ".join(f"{k}={v!r}" for k, v in params.items())
                 raise APIError(err.status, f"at grid point {where}: {err.message}",

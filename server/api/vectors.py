@@ -12,6 +12,10 @@ repeng writes and llama.cpp reads; ``GET .../{name}/gguf`` exports one
 as artifacts (``server.artifacts``) under ``<data_dir>/control-vectors``, with the same
 rules as priors: atomic, checksummed, corrupt files reported and skipped.
 
+The extraction forwards are an engine job (``server.engine.extract``, via
+:func:`engine_states`): queued with the requests (a full queue is the same 429) and run
+by the engine thread between decode steps, so one loop owns the model.
+
 Limits come before work: the name is reserved first (409), the size of every text an
 extraction would build is computed from its parts (template, words, suffixes, chat
 wrapper) and refused with 413 before any string is built or tokenized, and a GGUF upload
@@ -25,7 +29,8 @@ import logging
 import re
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from fastapi import APIRouter, Request
@@ -35,9 +40,7 @@ from starlette.concurrency import run_in_threadpool
 
 from processors.base import ParamError
 from processors.control import (
-    GEOMETRY,
     METHODS,
-    RESOURCE,
     ControlVector,
     check_layers,
     expand_template,
@@ -50,6 +53,10 @@ from processors.control_gguf import (
     write_control_gguf,
 )
 from server.api.artifact_http import (
+    STORED_AT,
+    BuildCancelled,
+    Deleted,
+    Skipped,
     bad,
     check_artifact_name,
     check_budget_room,
@@ -59,22 +66,23 @@ from server.api.artifact_http import (
     record_fields,
     run_build,
     store_artifact,
+    wire,
 )
 from server.api.artifact_http import registry as artifact_registry
 from server.api.convert import longest_token_chars
 from server.api.errors import APIError, artifact_or_404, error_responses
 from server.api.protocol import StrictBool, StrictStr
-from server.api.state import ServerState, StateDep
+from server.api.state import ServerState, StateDep, engine_errors
 from server.artifacts import ArtifactExistsError, ArtifactRegistry
+from server.engine import Engine
+from server.engine.extract import EXTRACT_BATCH, ExtractionJob, JobCancelled
 from server.engine.hooks import ControlHooks
-from server.engine.padding import attention_mask_4d, left_pad, model_takes_4d_mask
 
 log = logging.getLogger("steerserve.control")
 router = APIRouter()
 
 MAX_PAIRS = 1024  # pairs per extraction (texts run = 2 × pairs); more is a 413
 MAX_TEXT_TOKENS = 512  # tokens per pair text
-EXTRACT_BATCH = 16  # texts per forward
 _ERRORS = error_responses(400, 409, 413, 429, 503, 507)  # POST/PUT (507: disk/budget)
 _INLINE = re.compile(r"\{([^{}|]*)\|([^{}|]*)\}")  # expand_template's '{pos|neg}' form
 _READ_ERRORS = error_responses(404, 503)
@@ -127,18 +135,71 @@ class VectorCreate(BaseModel):
 
 def registry(state: ServerState) -> ArtifactRegistry[ControlVector]:
     """The loaded control vectors (attached with the model), or 503 while loading."""
-    return artifact_registry(state, RESOURCE)
+    return artifact_registry(state.control_vectors)
+
+
+def _known_geometry(state: ServerState) -> tuple[int, int] | None:
+    """``(blocks, hidden size)`` of the serving model, None while loading."""
+    geo = state.geometry
+    return None if geo is None else (geo.num_layers, geo.hidden_size)
 
 
 def _geometry(state: ServerState) -> tuple[int, int]:
-    geo = state.resources.get(GEOMETRY) or {}
-    return int(geo["num_layers"]), int(geo["hidden_size"])
+    """``(blocks, hidden size)`` of the serving model, or 503 while loading."""
+    geo = _known_geometry(state)
+    if geo is None:
+        raise APIError(503, "the server is still loading", headers={"Retry-After": "1"})
+    return geo
+
+
+class LayerSeparation(BaseModel):
+    """One fitted layer's report (``processors.control.LayerFit.report``)."""
+
+    layer: int
+    separation: float
+    accuracy: float
+    gap: float
+    explained: float
+
+
+class ControlVectorCard(BaseModel):
+    """A stored control vector (``GET /v1/control-vectors/{name}``); the build facts
+    are there when the vector has them (an imported GGUF has no separation)."""
+
+    name: str
+    object: Literal["control_vector"] = "control_vector"
+    layers: list[int]
+    hidden_size: int
+    model_hint: str
+    norms: dict[str, float] = Field(description="Each layer's direction norm (layer → L2).")
+    compatible: bool | None = Field(
+        None, description="Whether the serving model can apply it (hidden size, layers)."
+    )
+    source: str | None = Field(None, description="extracted | gguf")
+    method: str | None = None
+    pairs: int | None = None
+    separation: list[LayerSeparation] | None = Field(
+        None, description="How well each fitted layer's direction separates the pairs."
+    )
+    best_layers: list[int] | None = None
+    build_seconds: float | None = None
+    created_at: float | None = Field(None, description=STORED_AT)
+    file_bytes: int | None = None
+    sha256: str | None = None
+
+
+class ControlVectorList(BaseModel):
+    """``GET /v1/control-vectors``."""
+
+    object: Literal["list"] = "list"
+    data: list[ControlVectorCard]
+    skipped: list[Skipped]
 
 
 def vector_card(
     reg: ArtifactRegistry[ControlVector], vec: ControlVector, geometry: tuple[int, int] | None
-) -> dict[str, Any]:
-    """The JSON description of a vector (``GET /v1/control-vectors/{name}``)."""
+) -> ControlVectorCard:
+    """The description of a vector (``GET /v1/control-vectors/{name}``)."""
     info = dict(vec.info)
     card: dict[str, Any] = {
         "name": vec.name,
@@ -156,7 +217,7 @@ def vector_card(
         if key in info:
             card[key] = info[key]
     card.update(record_fields(reg, vec.name))
-    return card
+    return ControlVectorCard(**card)
 
 
 _bad = bad
@@ -271,7 +332,9 @@ def _encode(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
     return [list(r) for r in ids]
 
 
-@torch.inference_mode()
+States = Callable[[list[list[int]], list[int], threading.Event | None], dict[int, torch.Tensor]]
+
+
 def last_token_states(
     model: Any,
     prompts: list[list[int]],
@@ -279,32 +342,37 @@ def last_token_states(
     batch_size: int = EXTRACT_BATCH,
     cancel: threading.Event | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Each block's output at the last token of every prompt: layer → ``(N, D)`` float32.
-
-    Prompts run in left-padded batches with an explicit attention mask and position ids
-    from it (so padding never shifts positions). This runs on a worker thread, beside the
-    engine: the hooks' steering state is per thread, so neither sees the other's.
-    """
+    """Each block's output at the last token of every prompt: layer → ``(N, D)`` float32,
+    run on the calling thread — for offline use (benchmarks, tests) where no engine
+    decodes with this model; the server runs the same job through the engine
+    (:func:`engine_states`). Stops between forwards once ``cancel`` is set."""
     hooks = ControlHooks.install(model)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    if not dtype.is_floating_point:
-        dtype = torch.float32
-    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    for start in range(0, len(prompts), batch_size):
-        check_cancelled(cancel)  # an abandoned extraction stops between forwards
-        padded = left_pad(prompts[start : start + batch_size], device)
-        # Always the 4-D mask (no cache here, so a None mask would make transformers
-        # inspect the position ids on the host); no query row is fully masked.
-        mask: torch.Tensor = padded.mask
-        if model_takes_4d_mask(model.config):
-            mask = attention_mask_4d(padded.mask, padded.mask.shape[1], dtype)
-        with hooks.capture(layers) as states:
-            model(input_ids=padded.ids, attention_mask=mask, position_ids=padded.positions,
-                  use_cache=False, logits_to_keep=1)
-        for layer in layers:
-            out[layer].append(states[layer].cpu())
-    return {layer: torch.cat(parts, dim=0) for layer, parts in out.items()}
+    job = ExtractionJob(prompts, tuple(layers), batch_size)
+    while not job.finished:
+        check_cancelled(cancel)
+        job.run_chunk(model, hooks, max_tokens=batch_size * MAX_TEXT_TOKENS)
+    return job.wait()
+
+
+def engine_states(
+    state: ServerState,
+    engine: Engine,
+    prompts: list[list[int]],
+    layers: list[int],
+    cancel: threading.Event | None = None,
+) -> dict[int, torch.Tensor]:
+    """:func:`last_token_states` as an engine job (``server.engine.extract``): queued
+    with the requests (a full queue is the 429 a generation gets, a stopped engine the
+    503), its forwards run by the engine thread between decode steps, and abandoned —
+    before its next forward — once ``cancel`` is set (disconnect, ``build_timeout_s``).
+    Blocks the calling (build worker) thread until the job resolves."""
+    job = ExtractionJob(prompts, tuple(layers), cancel=cancel or threading.Event())
+    with engine_errors(state):
+        engine.submit_job(job)
+        try:
+            return job.wait()
+        except JobCancelled:
+            raise BuildCancelled from None
 
 
 def extract_vector(
@@ -313,9 +381,12 @@ def extract_vector(
     model: Any,
     tokenizer: Any,
     cancel: threading.Event | None = None,
+    states_of: States | None = None,
 ) -> ControlVector:
     """Tokenize the pairs, run them, fit one direction per layer (not yet stored).
-    Stops at the next stage once ``cancel`` is set."""
+    ``states_of(ids, layers, cancel)`` runs the forwards (the server passes
+    :func:`engine_states`; default :func:`last_token_states` on this thread). Stops at
+    the next stage once ``cancel`` is set."""
     t0 = time.perf_counter()
     pairs = _texts(body, tokenizer)
     flat = [t for pair in pairs for t in pair]  # positive, negative, positive, ...
@@ -323,7 +394,10 @@ def extract_vector(
     ids = _encode(tokenizer, flat, body.chat)
     log.info("control vector '%s': %d pairs, %d layers, %s", body.name, len(pairs), len(layers),
              body.method)
-    states = last_token_states(model, ids, layers, cancel=cancel)
+    if states_of is None:
+        states = last_token_states(model, ids, layers, cancel=cancel)
+    else:
+        states = states_of(ids, layers, cancel)
     pos = {k: v[0::2] for k, v in states.items()}
     neg = {k: v[1::2] for k, v in states.items()}
     fits = fit_layers(pos, neg, body.method)
@@ -355,10 +429,11 @@ def _layers(body: VectorCreate, num_layers: int) -> list[int]:
     return layers
 
 
-@router.post("/v1/control-vectors", status_code=201, responses=_ERRORS)
+@router.post("/v1/control-vectors", status_code=201, response_model=ControlVectorCard,
+             responses=_ERRORS)
 async def create_vector(body: VectorCreate, request: Request, state: StateDep) -> JSONResponse:
     """Extract a control vector from contrastive pairs (201, with per-layer separation)."""
-    bundle, _, _ = state.ready()
+    bundle, engine, _ = state.ready()
     reg = registry(state)
     geometry = _geometry(state)
     check_artifact_name(body.name)
@@ -372,7 +447,8 @@ async def create_vector(body: VectorCreate, request: Request, state: StateDep) -
             vec = await run_build(
                 state, request, f"control vector '{body.name}'",
                 lambda cancel: extract_vector(
-                    body, layers, bundle.model, bundle.tokenizer, cancel
+                    body, layers, bundle.model, bundle.tokenizer, cancel,
+                    states_of=lambda ids, ls, c: engine_states(state, engine, ids, ls, c),
                 ),
             )
             stored = await store_artifact(state, reg, body.name, vec)
@@ -380,11 +456,11 @@ async def create_vector(body: VectorCreate, request: Request, state: StateDep) -
         raise _bad("name", str(err), 409) from None
     log.info("control vector '%s': stored (%d bytes) after %.2f s", body.name, stored.bytes,
              vec.info["build_seconds"])
-    return JSONResponse(vector_card(reg, vec, geometry), status_code=201)
+    return wire(vector_card(reg, vec, geometry), 201)
 
 
-@router.put("/v1/control-vectors/{name}/gguf", status_code=201, responses=_ERRORS,
-            openapi_extra=_GGUF_BODY)
+@router.put("/v1/control-vectors/{name}/gguf", status_code=201,
+            response_model=ControlVectorCard, responses=_ERRORS, openapi_extra=_GGUF_BODY)
 async def import_gguf(name: str, request: Request, state: StateDep) -> JSONResponse:
     """Import a control-vector GGUF file sent as the raw body (201).
 
@@ -416,7 +492,7 @@ async def import_gguf(name: str, request: Request, state: StateDep) -> JSONRespo
             await store_artifact(state, reg, name, vec)
     except ArtifactExistsError as err:
         raise _bad("name", str(err), 409) from None
-    return JSONResponse(vector_card(reg, vec, geometry), status_code=201)
+    return wire(vector_card(reg, vec, geometry), 201)
 
 
 async def _bounded_body(request: Request, limit: int) -> bytes:
@@ -454,23 +530,26 @@ async def export_gguf(name: str, state: StateDep) -> Response:
     )
 
 
-@router.get("/v1/control-vectors", responses=error_responses(503))
-async def list_vectors(state: StateDep) -> dict[str, Any]:
+@router.get("/v1/control-vectors", response_model=ControlVectorList,
+            responses=error_responses(503))
+async def list_vectors(state: StateDep) -> JSONResponse:
     """Every loaded vector, and the artifacts skipped as corrupt (name and reason)."""
     reg = registry(state)
-    geometry = _geometry(state) if state.resources.get(GEOMETRY) else None
-    return await list_artifacts(reg, lambda vec: vector_card(reg, vec, geometry))
+    geometry = _known_geometry(state)
+    cards, skipped = await list_artifacts(reg, lambda vec: vector_card(reg, vec, geometry))
+    return wire(ControlVectorList(object="list", data=cards, skipped=skipped))
 
 
-@router.get("/v1/control-vectors/{name}", responses=_READ_ERRORS)
-async def get_vector(name: str, state: StateDep) -> dict[str, Any]:
+@router.get("/v1/control-vectors/{name}", response_model=ControlVectorCard,
+            responses=_READ_ERRORS)
+async def get_vector(name: str, state: StateDep) -> JSONResponse:
     """One vector: layers, hidden size, norms, method and per-layer separation."""
     reg = registry(state)
-    geometry = _geometry(state) if state.resources.get(GEOMETRY) else None
-    return vector_card(reg, _lookup(reg, name), geometry)
+    geometry = _known_geometry(state)
+    return wire(vector_card(reg, _lookup(reg, name), geometry))
 
 
-@router.delete("/v1/control-vectors/{name}", responses=_READ_ERRORS)
-async def delete_vector(name: str, state: StateDep) -> dict[str, Any]:
+@router.delete("/v1/control-vectors/{name}", response_model=Deleted, responses=_READ_ERRORS)
+async def delete_vector(name: str, state: StateDep) -> JSONResponse:
     """Delete a vector (also one skipped as corrupt). Running requests keep theirs."""
     return await delete_artifact(registry(state), name, "control vector", "control_vector")

@@ -12,7 +12,7 @@ Per engine iteration:
   uses (its own prompt ids when the expert has a template, see
   ``GenerationRequest.aux_prompt_ids``); rows that share a prompt share one prefill;
 * before the processors → :meth:`AuxPool.logits` scatters each model's next-token logits
-  into a zero ``(B, V)`` tensor (the ``ctx.extras["aux_logits"]`` contract of
+  into a zero ``(B, V)`` tensor (the ``ctx.aux_logits`` contract of
   ``processors.fusion``);
 * after the main decode → :meth:`AuxPool.decode` feeds each model the tokens the main
   model just sampled for its rows.

@@ -5,9 +5,9 @@ steering of their own. A forward pass that steers runs inside
 ``with hooks.steering(phase):``, which makes ``phase`` (a
 :class:`processors.control.PhaseDeltas`) visible to the hooks *of the calling thread
 only* and clears it in ``finally`` — an exception inside the forward cannot leave a delta
-behind, and another thread's forward (an extraction request, a second engine over the
-same model) never sees it. With no phase set, each hook returns at once and the block's
-output is untouched (``None`` from a forward hook keeps the output as it is).
+behind, and another thread's forward (a second engine over the same model, an offline
+extraction in a benchmark) never sees it. With no phase set, each hook returns at once
+and the block's output is untouched (``None`` from a forward hook keeps the output as it is).
 
 Block ``ℓ``'s output ``h (B, T, D)`` goes through ``processors.control.apply_layer`` —
 in prefill (``T`` = the padded prompt length) and in decode (``T = 1``) alike: the

@@ -4,8 +4,10 @@ Requests wait in a bounded queue and join the running batch at step boundaries; 
 loop iteration (1) drops cancelled rows, (2) prefills newly admitted rows as one group
 and merges their KV cache into the batch, (3) runs the processor stack and the sampler
 on every row's pending logits, (4) emits tokens, applies stop conditions and removes
-finished rows, (5) runs one batched decode forward for the rows that remain. The
-asyncio event loop never touches torch: results travel through per-request sinks.
+finished rows, (5) runs one batched decode forward for the rows that remain, then
+(6) runs one chunk of the head extraction job, if any (``server.engine.extract``): every
+forward of the model runs on this thread. The asyncio event loop never touches torch:
+results travel through per-request sinks and job futures.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from processors.stack import ProcessorStack, acts_in_forward
 from server.engine.aux import AuxPool
 from server.engine.batch import BatchState
 from server.engine.detok import IncrementalDetokenizer
+from server.engine.extract import ExtractionJob, JobQueue
 from server.engine.hooks import RowControl
 from server.engine.observer import EngineObserver
 from server.engine.packer import HostPacker, PackedHost
@@ -161,6 +164,7 @@ class Engine:
         self.sampler = Sampler(self.device, self.vocab_size, self.eos_ids)
         self.rows: list[_Row] = []
         self._waiting: deque[tuple[RequestHandle, EventSink]] = deque()
+        self.jobs = JobQueue()  # extraction jobs, one chunk run between steps
         self._cond = threading.Condition()
         self._keys = itertools.count()  # engine-wide request keys, assigned at submit
         self._thread: threading.Thread | None = None
@@ -220,11 +224,25 @@ class Engine:
         with self._cond:
             handles = [RequestHandle(req, submitted=now, key=next(self._keys))
                        for req, _ in items]
-            if len(self._waiting) + len(items) > self.config.max_queue:
+            # Waiting extraction jobs hold queue slots too (``submit_job``).
+            if len(self._waiting) + len(self.jobs) + len(items) > self.config.max_queue:
                 raise QueueFullError(self.config.max_queue)
             self._waiting.extend(zip(handles, [sink for _, sink in items], strict=True))
             self._cond.notify_all()
         return handles
+
+    def submit_job(self, job: ExtractionJob) -> ExtractionJob:
+        """Queue an extraction job (any thread); it shares ``max_queue`` with waiting
+        requests (QueueFullError when full, EngineUnavailableError when not running).
+        Wait on ``job.result``; set ``job.cancel`` to abandon it."""
+        if not self.alive or self._stopping:
+            raise EngineUnavailableError(self.dead or "the engine is not running")
+        with self._cond:
+            if len(self._waiting) + len(self.jobs) + 1 > self.config.max_queue:
+                raise QueueFullError(self.config.max_queue)
+            self.jobs.push(job)
+            self._cond.notify_all()
+        return job
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
@@ -232,7 +250,8 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and not self.rows and not self._waiting:
+                    while (not self._stopping and not self.rows and not self._waiting
+                           and not len(self.jobs)):
                         self._cond.wait(timeout=0.5)
                     if self._stopping:
                         break
@@ -319,6 +338,9 @@ class Engine:
             self._prefill(new)
         if self.rows:
             self._step()
+        if len(self.jobs):  # between steps: one chunk of the head extraction job
+            self.jobs.run_next(self.model, self.runner.hooks, self.config.max_prefill_tokens,
+                               fatal=is_device_failure)
 
     def _prefill(self, new: Sequence[tuple[RequestHandle, EventSink]]) -> None:
         # Rows with the same prompt and the same control deltas on it (a sweep's grid
@@ -408,12 +430,11 @@ class Engine:
         register what the host needs with the packer (nothing is copied yet)."""
         fwd = self.batch.next_logits  # (B, V) as the (possibly control-steered) forward gave
         base = self.twins.base_logits(fwd)  # unsteered logits for rows with a twin
-        ctx = StepContext(
-            base_logits=base, last_tokens=self.batch.last_tokens, want_stats=self._any_diag
-        )
+        aux_logits: dict[str, torch.Tensor] = {}
         if self.aux.active:  # fusion: the auxiliary models' logits of this step
-            keys = [r.handle.key for r in self.rows]
-            ctx.extras["aux_logits"] = self.aux.logits(keys, len(self.rows))
+            aux_logits = self.aux.logits([r.handle.key for r in self.rows], len(self.rows))
+        ctx = StepContext(base_logits=base, last_tokens=self.batch.last_tokens,
+                          want_stats=self._any_diag, aux_logits=aux_logits)
         steered = self.stack.apply(ctx, fwd) if self.stack.active else fwd
         # Hard bans (logit_bias -100) go last, after the sampler's penalties.
         tokens = self.sampler.sample(steered, self.batch.seen, self.stack.bans)  # (B,)
@@ -426,14 +447,11 @@ class Engine:
         if self._any_diag:
             stats = step_stats(base, steered, tokens)
             pack.add("diag", stats)
-            # Processors cannot know the emitted token in apply(); they register (B, V)
-            # tables under extras["token_stats"] and we gather them here (NaN = undefined).
-            idx = tokens.view(-1, 1)
-            for name, table in ctx.extras.get("token_stats", {}).items():
-                ctx.stats[name] = table.gather(1, idx).squeeze(1)
+            # Processors' stats, (B, V) tables read at the emitted tokens (NaN = undefined).
+            row_stats = ctx.row_stats(tokens)
             names = list(STEP_STAT_NAMES)
-            for k in sorted(ctx.stats):
-                pack.add(f"stat:{k}", ctx.stats[k])
+            for k in sorted(row_stats):
+                pack.add(f"stat:{k}", row_stats[k])
                 names.append(k)
         forward_stats = sorted(self.batch.next_stats)
         for k in forward_stats:
@@ -664,6 +682,7 @@ class Engine:
         with self._cond:
             waiting = list(self._waiting)
             self._waiting.clear()
+        self.jobs.fail_all(EngineUnavailableError(self.dead or "the engine stopped"))
         reason: FinishReason = "error" if self.dead else "abort"
         # Leave the batch before the FinishEvents go out: a consumer that sees its stream
         # end must also see ``running == 0`` (tests/integration/test_shutdown.py raced here).

@@ -379,7 +379,7 @@ def test_artifact_memory_budget_is_507_and_writes_nothing(
     srv: LiveServer, http: httpx.Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = srv.app.state.steer
-    used = sum(state.resources[k].loaded_bytes() for k in ("priors", "control_vectors"))
+    used = state.priors.loaded_bytes() + state.control_vectors.loaded_bytes()
     monkeypatch.setattr(settings, "max_artifact_bytes", used + 10)  # room for no real prior
     err = assert_envelope(http.post("/v1/priors", json={"name": "nobudget", "text": "a b c"}),
                           507)

@@ -84,7 +84,8 @@ def test_expert_template_changes_its_prompt(srv: Any) -> None:
     state = srv.app.state.steer
     body = GenerateRequest(prompt="hi", max_tokens=4, steering=[
         {"type": "fusion", "experts": ["chat-e", "e1"], "base": "small"}])
-    req = to_generation_request(body, state.bundle, state.settings, state.env)
+    req = to_generation_request(body, state.bundle, state.settings, state.env,
+                                aux=state.aux)
     aux = dict(req.aux_prompt_ids)
     assert set(aux) == {"chat-e"}  # e1 and the base use the main prompt ids
     text = state.bundle.tokenizer.decode(list(aux["chat-e"]))

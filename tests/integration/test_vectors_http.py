@@ -311,3 +311,62 @@ def test_receipt_in_responses_streams_and_the_sdk(api: TestClient) -> None:
                           "strength": 2}]), 400, "steering.0.strength")
     error(generate(api, [{"type": "control", "vector": "rc",
                           "positions": {"from": 4, "to": 2}}]), 400, "steering.0.positions.to")
+
+
+def test_extraction_is_an_engine_job_bounded_and_cancellable(
+    tmp_path: Path, bundle: ModelBundle
+) -> None:
+    """Extraction forwards run on the engine thread; a full engine queue is the 429 a
+    generation gets; a build that times out while queued is cancelled and never runs."""
+    import threading
+
+    from server.engine.extract import ExtractionJob
+
+    settings = Settings(model="random:tiny", data_dir=tmp_path, max_queue=2,
+                        build_timeout_s=2.0)
+    app = create_app(settings, bundle=bundle)
+    seen: list[str] = []  # thread of every forward without a cache (extraction)
+    started, release = threading.Event(), threading.Event()
+    block = {"on": False}
+
+    def hook(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+        if kwargs.get("use_cache"):
+            return
+        seen.append(threading.current_thread().name)
+        if block["on"] and not started.is_set():
+            started.set()
+            release.wait(30)
+
+    handle = bundle.model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with TestClient(app) as c:
+            body = {"pairs": PAIRS[:4], "layers": [1]}
+            assert c.post("/v1/control-vectors", json={"name": "a", **body}).status_code == 201
+            assert seen and set(seen) == {"steer-engine"}
+            # Hold the engine inside one job's forward.
+            engine = app.state.steer.engine
+            block["on"] = True
+            tok = bundle.tokenizer
+            held = engine.submit_job(ExtractionJob([tok("x y z")["input_ids"]], (1,)))
+            assert started.wait(30)
+            seen.clear()
+            # One free slot: this build queues, times out, and is cancelled unrun.
+            r = c.post("/v1/control-vectors", json={"name": "late", **body})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "build_timeout"
+            # Its cancelled job keeps its slot until the engine next runs (as a cancelled
+            # waiting request does), so the queue is now full.
+            r = c.post("/v1/control-vectors", json={"name": "full", **body})
+            assert r.status_code == 429 and r.headers["retry-after"].isdigit(), r.text
+            gen = generate(c, [])
+            assert gen.status_code == 429  # the same queue, the same answer
+            release.set()
+            held.result.result(timeout=30)
+            assert c.get("/v1/control-vectors/late").status_code == 404
+            assert c.get("/v1/control-vectors/full").status_code == 404
+            assert c.post("/v1/control-vectors", json={"name": "b", **body}).status_code == 201
+        # After release only "b" ran (1 forward of 8 texts); the timed-out build's job
+        # was dropped unrun.
+        assert len(seen) == 1
+    finally:
+        release.set()
+        handle.remove()

@@ -16,7 +16,6 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from clients import types as sdk
 from server.api.app import create_app
-from server.api.protocol import StreamEvent as ServerStreamEvent
 from server.settings import Settings
 
 # server schema name -> SDK type (the native API; OpenAI endpoints are the openai package's)
@@ -34,6 +33,12 @@ COVERED: dict[str, Any] = {
     "PriorCreate": sdk.PriorCreate,
     "VectorCreate": sdk.ControlVectorCreate,
     "Pair": sdk.ContrastPair,
+    "PriorCard": sdk.Prior,
+    "PriorList": sdk.PriorList,
+    "CorpusList": sdk.CorpusList,
+    "ControlVectorCard": sdk.ControlVector,
+    "ControlVectorList": sdk.ControlVectorList,
+    "Deleted": sdk.Deleted,
     "ModelCard": sdk.ModelCard,
     "ModelList": sdk.ModelList,
     "Health": sdk.Health,
@@ -43,10 +48,8 @@ COVERED: dict[str, Any] = {
 @pytest.fixture(scope="module")
 def schemas() -> dict[str, Any]:
     doc = create_app(Settings(model="random:tiny")).openapi()
-    out = dict(doc["components"]["schemas"])
-    # Stream frames are SSE, not a JSON response body, so the document has no ref to them.
-    out["StreamEvent"] = ServerStreamEvent.model_json_schema()
-    return out
+    # Stream frames (StreamEvent) are there too: server.api.app.STREAM_FRAMES.
+    return dict(doc["components"]["schemas"])
 
 
 def _sdk_fields(cls: Any) -> dict[str, Any]:
@@ -106,3 +109,16 @@ def test_the_check_catches_drift():
         except ValidationError:
             rejected.append(v)
     assert rejected == ["tokens"]
+
+
+def test_streaming_answers_name_their_frame_schema():
+    """Each streaming endpoint's text/event-stream answer references the model its
+    ``data:`` frames are built from, so OpenAPI documents the frames too."""
+    doc = create_app(Settings(model="random:tiny")).openapi()
+    frames = {"/v1/generate": "StreamEvent", "/v1/completions": "CompletionChunk",
+              "/v1/chat/completions": "ChatCompletionChunk"}
+    for path, name in frames.items():
+        content = doc["paths"][path]["post"]["responses"]["200"]["content"]
+        ref = {"$ref": f"#/components/schemas/{name}"}
+        assert content["text/event-stream"]["schema"] == ref
+        assert "id" in doc["components"]["schemas"][name]["properties"]

@@ -59,7 +59,7 @@ def test_control_builders_are_accepted_by_the_server_validator():
     from processors.control import ControlVector as Vec
 
     vec = Vec("v", {1: np.ones(4), 2: np.ones(4)})
-    env = ProcessorEnv(8, resources={"control_vectors": {"v": vec}})
+    env = ProcessorEnv(8, control_vectors={"v": vec})
     wire = Control("v", Schedule(2.0, 0.5, 8, "exp"), layers=[2],
                    positions=Tokens(3, 9)).to_wire()
     assert wire == {"type": "control", "vector": "v", "layers": [2], "preserve_norm": False,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from processors.base import ParamError, ProcessorEnv
+from processors.base import ModelGeometry, ParamError, ProcessorEnv
 from processors.control import (
     ControlProcessor,
     ControlVector,
@@ -91,10 +93,8 @@ def vec(name: str = "v", layers: tuple[int, ...] = (1, 2), seed: int = 0) -> Con
 
 ENV = ProcessorEnv(
     vocab_size=16,
-    resources={
-        "control_vectors": {"v": vec(), "w": vec("w", (0, 2), 1)},
-        "model_geometry": {"num_layers": 3, "hidden_size": D},
-    },
+    control_vectors={"v": vec(), "w": vec("w", (0, 2), 1)},
+    geometry=ModelGeometry(num_layers=3, hidden_size=D),
 )
 
 
@@ -123,13 +123,11 @@ def test_validation_names_the_parameter(params: dict, param: str, status: int) -
 
 
 def test_validation_checks_the_model_geometry() -> None:
-    other = ProcessorEnv(16, resources={**ENV.resources, "model_geometry": {
-        "num_layers": 2, "hidden_size": D}})
+    other = dataclasses.replace(ENV, geometry=ModelGeometry(num_layers=2, hidden_size=D))
     with pytest.raises(ParamError, match="layer 2 does not exist"):
         ControlProcessor.validate({"vector": "v"}, other)
     assert ControlProcessor.validate({"vector": "v", "layers": [1]}, other).layers == (1,)
-    wide = ProcessorEnv(16, resources={**ENV.resources, "model_geometry": {
-        "num_layers": 3, "hidden_size": 2 * D}})
+    wide = dataclasses.replace(ENV, geometry=ModelGeometry(num_layers=3, hidden_size=2 * D))
     with pytest.raises(ParamError, match="hidden size 8"):
         ControlProcessor.validate({"vector": "v"}, wide)
 
@@ -147,7 +145,7 @@ def test_control_entries_are_not_logits_stages() -> None:
 
 # ------------------------------------------------------------------ delta builder
 def test_build_phase_per_row_slots_positions_and_norm() -> None:
-    v, w = ENV.resources["control_vectors"]["v"], ENV.resources["control_vectors"]["w"]
+    v, w = ENV.control_vectors["v"], ENV.control_vectors["w"]
     a = ControlProcessor.validate({"vector": "v", "alpha": 2.0, "positions": "prompt"}, ENV)
     b = ControlProcessor.validate(
         {"vector": "w", "alpha": -0.5, "layers": [2], "preserve_norm": True}, ENV

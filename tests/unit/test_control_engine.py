@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from processors.base import ProcessorEnv
+from processors.base import ModelGeometry, ProcessorEnv
 from processors.control import ControlProcessor, ControlVector, build_phase
 from processors.metrics import entropy_from_logp, kl_from_logp
 from processors.stack import parse_stack
@@ -40,10 +40,8 @@ def setup() -> Iterator[tuple[Engine, ProcessorEnv, Any]]:
     }
     env = ProcessorEnv(
         vocab_size=model.config.vocab_size,
-        resources={
-            "control_vectors": vectors,
-            "model_geometry": {"num_layers": LAYERS, "hidden_size": 32},
-        },
+        control_vectors=vectors,
+        geometry=ModelGeometry(num_layers=LAYERS, hidden_size=32),
     )
     engine = Engine(model, tok)
     engine.start()
@@ -118,7 +116,7 @@ def test_single_row_matches_an_independent_hook(setup: tuple[Engine, ProcessorEn
     """Greedy decoding with α·v_ℓ on block ℓ equals an uncached reference that adds the
     same vector with its own hook on ``model.model.layers[ℓ]``."""
     engine, env, tok = setup
-    vec = env.resources["control_vectors"]["b"]
+    vec = env.control_vectors["b"]
     r = req(tok, env, "The cat sat", [{"type": "control", "vector": "b", "alpha": 2.0}], n=6)
     got = run_together(engine, [r])[0][0]
     add = {k: 2.0 * torch.from_numpy(v) for k, v in vec.directions.items()}
@@ -152,7 +150,7 @@ def test_hooks_leave_nothing_behind(setup: tuple[Engine, ProcessorEnv, Any]) -> 
     assert torch.equal(reference_logits(engine.model, ids), reference_logits(fresh, ids))
     # An error inside a steered forward (a delta of the wrong width) clears too.
     bad = build_phase([(ControlProcessor.validate({"vector": "w31"}, ProcessorEnv(
-        8, resources={"control_vectors": {"w31": ControlVector("w31", {1: np.ones(31)})}})),)],
+        8, control_vectors={"w31": ControlVector("w31", {1: np.ones(31)})})),)],
         "prompt", torch.device("cpu"))
     with pytest.raises(RuntimeError), hooks.steering(bad):
         reference_logits(engine.model, ids)
@@ -175,7 +173,7 @@ def test_diagnostics_use_unsteered_twins(setup: tuple[Engine, ProcessorEnv, Any]
     ]
     (toks, fin), (_, fin_plain), (toks_g, fin_g), (toks_nd, _) = run_together(engine, reqs)
     assert toks_nd == toks  # diagnostics do not change the tokens
-    vec = env.resources["control_vectors"]["a"]
+    vec = env.control_vectors["a"]
     add = {k: 2.0 * torch.from_numpy(v) for k, v in vec.directions.items()}
     ids = list(reqs[0].prompt_ids)
     p = torch.log_softmax(reference_logits(engine.model, ids), -1)[-1]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from processors.base import ParamError, ProcessorEnv
+from processors.base import ModelGeometry, ParamError, ProcessorEnv
 from processors.control import ControlProcessor, ControlVector, apply_layer, build_phase
 from processors.stack import parse_stack
 from server.engine import Engine, GenerationRequest, SamplingParams
@@ -37,8 +37,8 @@ def _vector(name: str, seed: int, scale: float, layers: tuple[int, ...]) -> Cont
 VECTORS = {"a": _vector("a", 1, 1.0, (0, 1, 2)), "b": _vector("b", 2, 1.5, (1, 2))}
 ENV = ProcessorEnv(
     vocab_size=259,
-    resources={"control_vectors": VECTORS,
-               "model_geometry": {"num_layers": LAYERS, "hidden_size": D}},
+    control_vectors=VECTORS,
+    geometry=ModelGeometry(num_layers=LAYERS, hidden_size=D),
 )
 
 

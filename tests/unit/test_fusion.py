@@ -23,7 +23,7 @@ from server.loading import ModelBundle
 from server.tiny import tiny_config, tiny_model, tiny_tokenizer
 
 ROLES = {"small": "small_base", "small2": "small_base", "e1": "expert", "e2": "expert"}
-ENV = ProcessorEnv(vocab_size=16, resources={"aux_models": ROLES})
+ENV = ProcessorEnv(vocab_size=16, aux_roles=ROLES)
 
 
 # ----------------------------------------------------------------- reference math
@@ -89,7 +89,7 @@ def _run_processor(
     proc = LogitFusion(torch.device("cpu"), V)
     proc.update_state(specs)
     ctx = StepContext(base_logits=strong, last_tokens=torch.full((B, 2), -1), want_stats=stats,
-                      extras={"aux_logits": aux})
+                      aux_logits=aux)
     return proc.apply(ctx, strong.clone()), ctx.stats
 
 
@@ -214,7 +214,7 @@ def test_validation(params: dict[str, Any], param: str, status: int) -> None:
 
 
 def test_validation_defaults() -> None:
-    env = ProcessorEnv(16, resources={"aux_models": {"s": "small_base", "e": "expert"}})
+    env = ProcessorEnv(16, aux_roles={"s": "small_base", "e": "expert"})
     spec = LogitFusion.validate({"experts": ["e"]}, env)
     assert spec.base == "s" and spec.mode == "dynamic" and spec.grid_points == 21
     assert LogitFusion.validate({"experts": ["e"], "grid": {"max": 10, "step": 0.1}},
@@ -247,7 +247,7 @@ def setup(models: dict[str, Any]) -> Iterator[tuple[Engine, ProcessorEnv]]:
     engine.start()
     env = ProcessorEnv(
         vocab_size=models["strong"].config.vocab_size,
-        resources={"aux_models": {"small": "small_base", "e1": "expert", "e2": "expert"}},
+        aux_roles={"small": "small_base", "e1": "expert", "e2": "expert"},
     )
     yield engine, env
     engine.stop()

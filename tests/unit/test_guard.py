@@ -210,7 +210,7 @@ def setup() -> Iterator[tuple[Engine, ProcessorEnv, Any]]:
     docs = [tok(x, add_special_tokens=False)["input_ids"] for x in STYLE]
     prior = NgramPrior.build("a", docs, V, tokenizer_fingerprint=FP)
     env = ProcessorEnv(vocab_size=model.config.vocab_size, tokenizer_fingerprint=FP,
-                       resources={"priors": {"a": prior}})
+                       priors={"a": prior})
     engine = Engine(model, tok)
     engine.start()
     yield engine, env, tok

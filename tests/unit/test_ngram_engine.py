@@ -44,7 +44,7 @@ def setup() -> Iterator[tuple[Engine, ProcessorEnv, Any]]:
         ),
     }
     env = ProcessorEnv(
-        vocab_size=model.config.vocab_size, tokenizer_fingerprint=FP, resources={"priors": priors}
+        vocab_size=model.config.vocab_size, tokenizer_fingerprint=FP, priors=priors
     )
     engine = Engine(model, tok)
     engine.start()

@@ -28,7 +28,7 @@ PRIORS = {
                                       discount=1.0),
     "default": NgramPrior.build("default", DOCS, VP),
 }
-ENV = ProcessorEnv(vocab_size=VP, resources={"priors": PRIORS})
+ENV = ProcessorEnv(vocab_size=VP, priors=PRIORS)
 CASES = [
     ("tiny_add_k", None),
     ("default", [1e-50, 1, 1]),

@@ -21,7 +21,7 @@ DOCS = [rng.integers(0, 12, size=int(n)).tolist() for n in rng.integers(2, 30, s
 JM = NgramPrior.build("jm", DOCS, VP, tokenizer_fingerprint=FP, weights=(0.2, 0.3, 0.5))
 KN = NgramPrior.build("kn", DOCS[:20], VP, estimator="kneser_ney", tokenizer_fingerprint=FP)
 ENV = ProcessorEnv(
-    vocab_size=V, tokenizer_fingerprint=FP, resources={"priors": {"jm": JM, "kn": KN}}
+    vocab_size=V, tokenizer_fingerprint=FP, priors={"jm": JM, "kn": KN}
 )
 
 
@@ -87,7 +87,7 @@ def test_lambda_zero_and_unused_rows_are_bit_identical() -> None:
 def test_all_lambda_zero_without_stats_returns_input() -> None:
     logits = torch.randn(2, V)
     out, ctx = run([spec(**{"lambda": 0.0}), None], logits, torch.tensor([[1, 2], [3, 4]]))
-    assert out is logits and "token_stats" not in ctx.extras
+    assert out is logits and "style_nll" not in ctx.stats
 
 
 def test_zscore_standardizes_over_the_prior_vocabulary() -> None:
@@ -136,7 +136,7 @@ def test_style_nll_token_stat_is_nan_for_rows_without_prior() -> None:
     last = torch.tensor([[3, 5], [3, 5], [-1, 2]])
     specs = [spec(**{"lambda": 0.0}), None, spec()]
     out, ctx = run(specs, logits, last, stats=True)
-    table = ctx.extras["token_stats"]["style_nll"]
+    table = ctx.stats["style_nll"]
     assert table.shape == (3, V)
     assert torch.isnan(table[1]).all()
     tokens = torch.tensor([7, 7, 19])
@@ -210,7 +210,7 @@ def test_weights_are_for_jelinek_mercer_only() -> None:
 
 
 def test_prior_of_another_tokenizer_is_400() -> None:
-    env = ProcessorEnv(vocab_size=V, tokenizer_fingerprint="tok-B", resources=ENV.resources)
+    env = ProcessorEnv(vocab_size=V, tokenizer_fingerprint="tok-B", priors=ENV.priors)
     with pytest.raises(ParamError, match="another tokenizer") as err:
         NgramProcessor.validate({"prior": "jm"}, env)
     assert (err.value.param, err.value.status) == ("prior", 400)

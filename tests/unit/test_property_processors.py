@@ -35,7 +35,7 @@ PRIORS = {
     "kn_full_d": NgramPrior.build("kn_full_d", DOCS, V, estimator="kneser_ney", discount=1.0),
 }
 AUX = {"small": "small_base", "e1": "expert", "e2": "expert"}
-ENV = ProcessorEnv(vocab_size=V, resources={"priors": PRIORS, "aux_models": AUX})
+ENV = ProcessorEnv(vocab_size=V, priors=PRIORS, aux_roles=AUX)
 
 tiny_or_normal = st.one_of(
     st.floats(1e-300, 1e-30), st.floats(1e-6, 1.0), st.floats(1.0, 1e6), st.just(1.0)
@@ -118,7 +118,7 @@ def test_every_processor_stays_finite_in_float32(
     stack = ProcessorStack(torch.device("cpu"), V)
     stack.update_state(rows)
     ctx = StepContext(base_logits=base, last_tokens=last, want_stats=True,
-                      extras={"aux_logits": aux})
+                      aux_logits=aux)
     out = stack.apply(ctx, base)
     assert out.dtype == torch.float32 and out.shape == (B, V)
     assert torch.isfinite(out).all(), out
