@@ -304,7 +304,6 @@ class Int8Head(nn.Module):
 
     weight_t: torch.Tensor
     scale: torch.Tensor
-    col: torch.Tensor
 
     def __init__(self, weight: torch.Tensor) -> None:
         """``weight (V, D)`` float."""
