@@ -272,28 +272,14 @@ _ACT_HI = 128  # an activation code is ``hi·128 + lo`` with hi, lo int8
 _ACT_MAX = 127 * _ACT_HI  # 14-bit activation codes: |code| ≤ 16256
 
 
-# Column-equalization exponents tried for the int8 head (the least weight error wins).
-_COL_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
-
-
-def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row of ``w (V, D)``: codes ``(V, D) int8``, scales ``(V,)``."""
-    scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
-
-
 class Int8Head(nn.Module):
     """The output projection with int8 weights and float32 logits, on integer matmuls.
 
     The head ``W (V, D)`` is 40 % of a CPU int4 step when read as float32 (113 MB for
     SmolLM2's 49152 × 576); as int8 it is a quarter of that. Weights: per output row
     ``W[v] ≈ scale[v]·q[v]``, ``q ∈ [-127, 127]`` (stored transposed, ``weight_t (D, V)
-    int8``, the layout ``torch._int_mm`` reads fastest), after dividing each input
-    column by ``col[k] = max_v |W[v, k]|^α`` (α ∈ {0, ¼, ½, ¾, 1}, whichever leaves the
-    least weight error; the hidden state is multiplied by ``col`` instead, which its
-    14-bit codes absorb: for SmolLM2 α = ¾ cuts the weight error by 41 %). Activations
-    ``h (..., D)`` (times ``col``) are quantized per row to 14-bit codes
-    ``c = round(h / s)``, ``s = max|h| / 16256``, and
+    int8``, the layout ``torch._int_mm`` reads fastest). Activations ``h (..., D)`` are
+    quantized per row to 14-bit codes ``c = round(h / s)``, ``s = max|h| / 16256``, and
     split exactly into two int8 halves ``c = 128·hi + lo``; one ``torch._int_mm`` of the
     stacked ``(2M, D)`` halves against ``weight_t`` gives int32 dot products that are
     exact, combined in float32: ``logit = s·scale[v]·(128·(hi·q) + lo·q)``. So the logits
@@ -309,24 +295,16 @@ class Int8Head(nn.Module):
         """``weight (V, D)`` float."""
         super().__init__()
         w = weight.detach().float()
-        best: tuple[float, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        for alpha in _COL_ALPHAS:
-            col = w.abs().amax(0).clamp(min=1e-6) ** alpha  # (D,)
-            q, scale = _int8_rows(w / col)
-            err = float(((q.float() * scale[:, None]) * col - w).norm())
-            if best is None or err < best[0]:
-                best = (err, q, scale, col)
-        assert best is not None
-        _, q, scale, col = best
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         self.in_features, self.out_features = int(w.shape[1]), int(w.shape[0])
         self.register_buffer("weight_t", q.t().contiguous())  # (D, V)
         self.register_buffer("scale", scale.contiguous())  # (V,)
-        self.register_buffer("col", col.contiguous())  # (D,)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``h (..., D)`` any float dtype → logits ``(..., V)`` float32."""
         shape = h.shape
-        x = h.reshape(-1, self.in_features).float() * self.col
+        x = h.reshape(-1, self.in_features).float()
         m = x.shape[0]
         s = (x.abs().amax(-1, keepdim=True) / _ACT_MAX).clamp(min=1e-30)  # (M, 1)
         code = torch.round(x / s).to(torch.int32)  # (M, D), |code| ≤ 16256
@@ -341,7 +319,7 @@ class Int8Head(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """The weight ``(V, D)`` float32 this head multiplies by (before the activation's
         14-bit rounding)."""
-        return self.weight_t.t().float() * self.scale[:, None] * self.col
+        return self.weight_t.t().float() * self.scale[:, None]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
