@@ -2,12 +2,20 @@
 
 (a) single-request decode tokens/s of the server (over HTTP, fixed length, greedy)
     vs plain ``transformers`` ``model.generate`` on the same prompt and settings;
-(b) aggregate tokens/s at concurrency 1, 4 and 8 against the server, as ratios to 1.
+(b) aggregate tokens/s at concurrency 1, 4 and 8 against the server, as ratios to 1;
+(c) in process, a batch of 8 rows: the share of the decode the device sits idle
+    (host time between forwards / wall time from the first decode to the last), with
+    the next decode launched after emit (``overlap`` off, the CPU default) and before
+    it (``overlap`` on: on the CPU the forward runs on a helper thread), and the
+    aggregate tokens/s of both;
+(d) in process, the number of fresh ``(B, V)`` tensors allocated per decode step in
+    the sampling phase (processor stack, sampler, host packing) for a batch of 8 rows
+    with logit_bias/margin stacks, a repetition penalty and sampled rows.
 
 Rounds interleave every variant; the printed ratios are of the medians.
 Targets (issue 2): (a) ≥ 1.0×, (b) ≥ 3.8× at concurrency 8.
 
-    python benchmarks/engine.py [--rounds 3] [--tokens 64]
+    python benchmarks/engine.py [--rounds 3] [--tokens 64] [--idle-only]
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +40,13 @@ from benchmarks.common import (  # noqa: E402
     median,
     report_ratio,
     server_process,
+)
+from server.engine import (  # noqa: E402
+    Engine,
+    EngineConfig,
+    FinishEvent,
+    GenerationRequest,
+    SamplingParams,
 )
 from server.loading import load_model  # noqa: E402
 from server.settings import Settings  # noqa: E402
@@ -67,16 +84,149 @@ def hf_generate(bundle, ids: torch.Tensor, tokens: int) -> float:
     return tokens / wall
 
 
+def idle_share(bundle, prompts: list[list[int]], tokens: int, overlap: bool) -> tuple[float, float]:
+    """``(device-idle share, aggregate tokens/s)`` of one in-process batch.
+
+    The forwards' wall intervals are recorded by wrapping the runner's ``decode`` (on
+    whichever thread runs it); forwards never overlap each other, so the busy time is
+    their sum and the idle share is ``1 − busy / (last end − first start)``.
+    """
+    engine = Engine(bundle.model, bundle.tokenizer, EngineConfig(max_batch_size=8,
+                                                                 overlap=overlap))
+    spans: list[tuple[float, float]] = []
+    real = engine.runner.decode
+    lock = threading.Lock()
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        out = real(*a, **k)
+        with lock:
+            spans.append((t0, time.perf_counter()))
+        return out
+
+    engine.runner.decode = timed  # type: ignore[method-assign]
+    engine.start()
+    try:
+        qs: list[queue.Queue] = [queue.Queue() for _ in prompts]
+        reqs = [GenerationRequest(f"i{i}", tuple(p), SamplingParams(
+            max_tokens=tokens, temperature=0.0, ignore_eos=True)) for i, p in enumerate(prompts)]
+        t0 = time.perf_counter()
+        engine.submit_many([(r, q.put) for r, q in zip(reqs, qs, strict=True)])
+        done = 0
+        for q in qs:
+            while not isinstance(ev := q.get(timeout=600), FinishEvent):
+                pass
+            done += ev.completion_tokens
+        wall = time.perf_counter() - t0
+    finally:
+        engine.stop()
+    busy = sum(b - a for a, b in spans)
+    window = spans[-1][1] - spans[0][0]
+    return 1.0 - busy / window, done / wall
+
+
+def bv_allocations(bundle, prompts: list[list[int]], steps: int = 6) -> float:
+    """Median count of fresh ``(B, V)``-sized tensors made per step by ``Engine._sample``
+    (everything between one forward's logits and the next forward), counted by a
+    ``TorchDispatchMode`` on the engine thread: an op output counts when it has ``B·V``
+    elements and a storage no earlier tensor of the step had (views don't count)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from processors.base import ProcessorEnv
+    from processors.stack import parse_stack
+
+    V = int(bundle.model.config.vocab_size)
+    counts: list[int] = []
+
+    class Count(TorchDispatchMode):
+        def __init__(self, B: int) -> None:
+            super().__init__()
+            self.B, self.n, self.seen = B, 0, set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    self.seen.add(a.untyped_storage().data_ptr())
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            for t in outs:
+                if isinstance(t, torch.Tensor) and t.numel() == self.B * V:
+                    ptr = t.untyped_storage().data_ptr()
+                    if ptr not in self.seen:
+                        self.n += 1
+                        self.seen.add(ptr)
+            return out
+
+    engine = Engine(bundle.model, bundle.tokenizer, EngineConfig(max_batch_size=8))
+    real = engine._sample
+
+    def counted():
+        with Count(len(engine.rows)) as mode:
+            out = real()
+        counts.append(mode.n)
+        return out
+
+    engine._sample = counted  # type: ignore[method-assign]
+    env = ProcessorEnv(vocab_size=V)
+    stacks = [
+        [{"type": "logit_bias", "bias": {"7": 2.0}}, {"type": "logit_bias", "bias": {"9": 1.0}},
+         {"type": "margin", "tau": 0.5}],
+        [{"type": "logit_bias", "bias": {"11": -1.0}}],
+    ]
+    reqs = [GenerationRequest(f"a{i}", tuple(p), SamplingParams(
+        max_tokens=steps, ignore_eos=True, temperature=0.8 if i % 2 else 0.0, seed=i,
+        repetition_penalty=1.2 if i % 4 == 1 else 1.0),
+        steering=parse_stack(stacks[i % 2], env, max_len=4))
+        for i, p in enumerate(prompts)]
+    engine.start()
+    try:
+        qs: list[queue.Queue] = [queue.Queue() for _ in reqs]
+        engine.submit_many([(r, q.put) for r, q in zip(reqs, qs, strict=True)])
+        for q in qs:
+            while not isinstance(q.get(timeout=600), FinishEvent):
+                pass
+    finally:
+        engine.stop()
+    return median([float(c) for c in counts])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--idle-only", action="store_true", help="only part (c)")
     args = ap.parse_args()
 
     bundle = load_model(EMBEDDED, Settings().data_dir)
     ids = bundle.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True,
                                                tokenize=True, return_dict=False)
+    prompts = [list(bundle.tokenizer.apply_chat_template(
+        [{"role": "user", "content": f"{PROMPT[0]['content']} (Version {i + 1}.)"}],
+        add_generation_prompt=True, tokenize=True, return_dict=False)) for i in range(8)]
+    idle: dict[str, list[float]] = {"idle_off": [], "idle_on": [], "tps_off": [], "tps_on": []}
+    idle_share(bundle, prompts[:2], 4, True)  # warm-up
+    for r in range(args.rounds):
+        for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
+            share, tps = idle_share(bundle, prompts, args.tokens, mode == "on")
+            idle[f"idle_{mode}"].append(share)
+            idle[f"tps_{mode}"].append(tps)
+        print(f"idle round {r + 1}: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in idle.items()),
+              flush=True)
+    med_idle = {k: median(v) for k, v in idle.items()}
+    print(f"\nmachine: {machine()}")
+    print(f"(c) batch 8 × {args.tokens} tokens, in process, medians of {args.rounds} rounds:")
+    print(f"  device idle share, overlap off : {med_idle['idle_off']:.3f}"
+          f"  ({med_idle['tps_off']:.1f} tok/s)")
+    print(f"  device idle share, overlap on  : {med_idle['idle_on']:.3f}"
+          f"  ({med_idle['tps_on']:.1f} tok/s)")
+    allocs = bv_allocations(bundle, prompts)
+    print(f"(d) fresh (B, V) tensors per step, sampling phase, batch 8: {allocs:.0f}")
+    med_idle["bv_allocations_per_step"] = allocs
+    if args.idle_only:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"idle": med_idle}, indent=2))
+        return
     ids = torch.tensor([list(ids)])
     results: dict[str, list[float]] = {"hf": [], "c1": [], "c4": [], "c8": []}
     with server_process() as url:
@@ -107,7 +257,8 @@ def main() -> None:
     report_ratio("single request vs transformers generate", single, ">=", 1.0)
     report_ratio("concurrency 8 vs 1 (aggregate tokens/s)", ratios["c8_vs_c1"], ">=", 3.8)
     if args.json:
-        Path(args.json).write_text(json.dumps({"medians": med, "ratios": ratios}, indent=2))
+        Path(args.json).write_text(json.dumps({"medians": med, "ratios": ratios,
+                                               "idle": med_idle}, indent=2))
 
 
 if __name__ == "__main__":

@@ -77,7 +77,23 @@ class MarginCalibration(Processor[MarginSpec]):
             [s.gamma if s else 0.0 for s in specs], dtype=torch.float32, device=dev
         ).view(-1, 1)
 
+    # The stack may hand apply_ a tensor it owns (processors.stack: in-place stages).
+    in_place = True
+
     def apply(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
+        t, new_t = self._targets(ctx, logits)
+        return logits.scatter(1, t, new_t)
+
+    def apply_(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
+        """:meth:`apply` writing into ``logits (B, V)``, which the caller owns (no copy;
+        everything is read before the one column per row is written)."""
+        t, new_t = self._targets(ctx, logits)
+        return logits.scatter_(1, t, new_t)
+
+    def _targets(
+        self, ctx: StepContext, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(t, value)`` ``(B, 1)``: the column each row writes and its new value."""
         base = ctx.base_logits.float()  # (B, V)
         top_vals = base.topk(2, dim=-1).values  # (B, 2); values are tie-safe, indices not
         t = base.argmax(dim=-1, keepdim=True)  # (B, 1) the frozen model's (greedy) choice
@@ -105,7 +121,7 @@ class MarginCalibration(Processor[MarginSpec]):
                 if prev is None:
                     prev = torch.full_like(rows, math.nan, dtype=torch.float32)
                 ctx.stats[name] = torch.where(rows, value.float().view(-1), prev)
-        return logits.scatter(1, t, new_t)
+        return t, new_t.to(logits.dtype)
 
 
 register(MarginCalibration)

@@ -66,7 +66,7 @@ import dataclasses
 import math
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -524,6 +524,34 @@ class Slot:
     coef: torch.Tensor | None = None
     cbias: torch.Tensor | None = None
     active: torch.Tensor | None = None
+    members: tuple[int, ...] = ()  # host: the rows that have this slot
+    layer_rows: dict[int, tuple[int, ...]] = field(default_factory=dict)  # host: per block
+
+    def select(self, keep: Sequence[int], idx: torch.Tensor) -> Slot | None:
+        """This slot for rows ``keep`` (host) / ``idx (B',)`` (device), None when none
+        of them has it. Every per-row tensor is gathered on the device (no upload)."""
+        pos = {b: j for j, b in enumerate(keep)}
+        members = tuple(pos[b] for b in self.members if b in pos)
+        if not members:
+            return None
+        # A block only rows that left touched leaves the slot, as build_phase would have it.
+        layer_rows = {k: tuple(sorted(pos[b] for b in rows if b in pos))
+                      for k, rows in self.layer_rows.items()}
+        layer_rows = {k: rows for k, rows in layer_rows.items() if rows}
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, idx)
+
+        return replace(
+            self, dirs={k: take(v) for k, v in self.dirs.items() if k in layer_rows},
+            has=take(self.has),
+            a0=take(self.a0), a1=take(self.a1), over=take(self.over), shape=take(self.shape),
+            bias=take(self.bias), lo=take(self.lo), hi=take(self.hi), gate=take(self.gate),
+            in_prompt=take(self.in_prompt),
+            preserve=None if self.preserve is None else take(self.preserve),
+            coef=None, cbias=None, active=None, members=tuple(sorted(members)),
+            layer_rows=layer_rows,
+        )
 
     def name(self, phase: str, layer: int | None, stat: str) -> str:
         """Stat name, e.g. ``control.add0.g.12.dsum`` (``layer`` None: per slot)."""
@@ -614,6 +642,22 @@ class PhaseDeltas:
                     val = self.stats.get(key)
                     if val is not None:
                         self.stats[key] = torch.where(ok, val, torch.full_like(val, math.nan))
+
+    def select(self, keep: Sequence[int]) -> PhaseDeltas | None:
+        """This phase for rows ``keep`` of the batch, in that order (rows left; nobody
+        joined): the per-row tensors, ``after`` gates included, follow the rows on the
+        device instead of :func:`build_phase` re-uploading them. Slots no kept row has
+        are dropped; None when no slot is left (as :func:`build_phase` would return)."""
+        idx = torch.tensor(list(keep), dtype=torch.long).to(self.prompt_lens.device)
+        slots = [t for t in (s.select(keep, idx) for s in self.slots) if t is not None]
+        if not slots:
+            return None
+        by_layer: dict[int, list[Slot]] = {}
+        for s in slots:
+            for layer in s.dirs:
+                by_layer.setdefault(layer, []).append(s)
+        return PhaseDeltas(self.phase, slots, dict(sorted(by_layer.items())),
+                           self.prompt_lens.index_select(0, idx))
 
     def trigger(self, b: int, entry: int, specs: Sequence[ControlSpec]) -> None:
         """Open row ``b``'s ``after`` window of its control entry ``entry`` (one device
@@ -740,6 +784,8 @@ def _slot(
         a1=f32(a1), over=f32(over), shape=i64(shape), bias=f32(bias), lo=i64(lo), hi=i64(hi),
         gate=bools(gate), in_prompt=bools(in_prompt),
         preserve=bools(keep).view(B, 1, 1) if any(keep) else None, scheduled=scheduled,
+        members=tuple(sorted(b for b, _ in cells)),
+        layer_rows={k: tuple(sorted(b for b, (_, sp) in cells if k in sp.layers)) for k in dirs},
     )
 
 

@@ -101,13 +101,22 @@ class LogitBias(Processor[LogitBiasSpec]):
             ids.extend(spec.token_ids)
             vals.extend(spec.values)
         self._active = bool(rows)
-        self.rows = torch.tensor(rows, dtype=torch.long, device=self.device)  # (N,)
-        self.ids = torch.tensor(ids, dtype=torch.long, device=self.device)  # (N,)
-        self.vals = torch.tensor(vals, dtype=torch.float32, device=self.device)  # (N,)
+        # One upload (float64 holds the ids exactly), split on the device.
+        table = torch.tensor([rows, ids, vals], dtype=torch.float64).to(self.device)
+        self.rows = table[0].long()  # (N,)
+        self.ids = table[1].long()  # (N,)
+        self.vals = table[2].float()  # (N,)
+
+    # The stack may hand apply_ a tensor it owns (processors.stack: in-place stages).
+    in_place = True
 
     def apply(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
         # Out of place: ``logits`` may alias ``ctx.base_logits``.
         return logits.index_put((self.rows, self.ids), self.vals, accumulate=True)
+
+    def apply_(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
+        """:meth:`apply` writing into ``logits (B, V)``, which the caller owns (no copy)."""
+        return logits.index_put_((self.rows, self.ids), self.vals, accumulate=True)
 
 
 register(LogitBias)

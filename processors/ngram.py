@@ -151,35 +151,61 @@ class DeviceTables:
     tri: DeviceOrder
 
 
+@dataclass(frozen=True)
+class _PriorOrder:
+    """One prior's order-2 or order-3 table on the device, uploaded once (no offsets)."""
+
+    keys: torch.Tensor  # (C,) int64 context keys
+    offsets: torch.Tensor  # (C,) int64 slice starts
+    next_ids: torch.Tensor  # (E,) int64
+    values: torch.Tensor  # (E,)
+    log_gamma: torch.Tensor  # (C,)
+    entries: int
+    max_len: int
+
+
+def _prior_order(t: OrderTable, device: torch.device, dtype: torch.dtype) -> _PriorOrder:
+    def put(a: np.ndarray, dt: torch.dtype) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dt)
+
+    return _PriorOrder(
+        keys=put(t.keys, torch.int64),
+        offsets=put(t.offsets[:-1], torch.int64),
+        next_ids=put(t.next_ids, torch.int64),
+        values=put(t.values, dtype),
+        log_gamma=put(_log64(t.gamma), dtype),
+        entries=int(t.entries),
+        max_len=int(t.max_len),
+    )
+
+
 def _device_order(
-    tables: Sequence[OrderTable], key_stride: int, device: torch.device, dtype: torch.dtype
+    tables: Sequence[_PriorOrder], key_stride: int, device: torch.device, dtype: torch.dtype
 ) -> DeviceOrder:
-    keys, offsets, nxt, vals, gamma = [], [], [], [], []
+    """Stack the priors' device tables on the device (no host upload): prior ``p``'s
+    keys are offset by ``p·key_stride`` and its slice starts by the entries before it,
+    then the sentinel key, the end offset pair and the zero entry close the tables."""
+    keys, offsets, nxt, vals, lgam = [], [], [], [], []
     base = 0
     for p, t in enumerate(tables):
-        keys.append(t.keys + p * key_stride)
-        offsets.append(t.offsets[:-1] + base)
+        keys.append(t.keys + p * key_stride if p else t.keys)
+        offsets.append(t.offsets + base if base else t.offsets)
         nxt.append(t.next_ids)
         vals.append(t.values)
-        gamma.append(t.gamma)
+        lgam.append(t.log_gamma)
         base += t.entries
-    keys.append(np.array([_SENTINEL_KEY], dtype=np.int64))
-    offsets.append(np.array([base, base], dtype=np.int64))
-    nxt.append(np.zeros(1, dtype=np.int64))
-    vals.append(np.zeros(1))
-    gamma.append(np.zeros(1))
-    max_len = max((t.max_len for t in tables), default=0)
-
-    def put(parts: list[np.ndarray], dt: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate(parts)).to(device=device, dtype=dt)
-
+    keys.append(torch.full((1,), _SENTINEL_KEY, dtype=torch.int64, device=device))
+    offsets.append(torch.full((2,), base, dtype=torch.int64, device=device))
+    nxt.append(torch.zeros(1, dtype=torch.int64, device=device))
+    vals.append(torch.zeros(1, dtype=dtype, device=device))
+    lgam.append(torch.full((1,), -math.inf, dtype=dtype, device=device))  # log γ = log 0
     return DeviceOrder(
-        keys=put(keys, torch.int64),
-        offsets=put(offsets, torch.int64),
-        next_ids=put(nxt, torch.int64),
-        values=put(vals, dtype),
-        log_gamma=put([_log64(g) for g in gamma], dtype),
-        max_len=max_len,
+        keys=torch.cat(keys),
+        offsets=torch.cat(offsets),
+        next_ids=torch.cat(nxt),
+        values=torch.cat(vals),
+        log_gamma=torch.cat(lgam),
+        max_len=max((t.max_len for t in tables), default=0),
     )
 
 
@@ -195,15 +221,53 @@ def log_weights(weights: Sequence[float]) -> tuple[float, float, float]:
     return a, b, c
 
 
+@dataclass(frozen=True)
+class _PriorTables:
+    """One prior's tables on one device, uploaded once (see :func:`device_tables`)."""
+
+    unigram: torch.Tensor  # (V,)
+    log_unigram: torch.Tensor  # (V,)
+    bi: _PriorOrder
+    tri: _PriorOrder
+
+
 _COMBINED: OrderedDict[tuple[Any, ...], DeviceTables] = OrderedDict()
+_PER_PRIOR: OrderedDict[tuple[Any, ...], _PriorTables] = OrderedDict()
 _COMBINED_LOCK = threading.Lock()
 _COMBINED_MAX = 8
+_PER_PRIOR_MAX = 16
+
+
+def _prior_tables(prior: NgramPrior, device: torch.device, dtype: torch.dtype) -> _PriorTables:
+    """``prior``'s device tables: the one host→device upload of that prior (LRU of 16)."""
+    key = (prior.uid, str(device), dtype)
+    with _COMBINED_LOCK:
+        hit = _PER_PRIOR.get(key)
+        if hit is not None:
+            _PER_PRIOR.move_to_end(key)
+            return hit
+    t = prior.tables
+    built = _PriorTables(
+        unigram=torch.from_numpy(np.ascontiguousarray(t.unigram)).to(device, dtype),
+        log_unigram=torch.from_numpy(_log64(t.unigram)).to(device, dtype),
+        bi=_prior_order(t.bi, device, dtype),
+        tri=_prior_order(t.tri, device, dtype),
+    )
+    with _COMBINED_LOCK:
+        _PER_PRIOR[key] = built
+        while len(_PER_PRIOR) > _PER_PRIOR_MAX:
+            _PER_PRIOR.popitem(last=False)
+    return built
 
 
 def device_tables(
     priors: Sequence[NgramPrior], device: torch.device, dtype: torch.dtype = torch.float32
 ) -> DeviceTables:
-    """Stacked device tables of ``priors`` (cached per combination, LRU of 8)."""
+    """Stacked device tables of ``priors`` (cached per combination, LRU of 8).
+
+    Each prior is uploaded once (:func:`_prior_tables`); a new combination of priors in
+    the batch is stacked from those on the device, with no host→device copy.
+    """
     key = (tuple(p.uid for p in priors), str(device), dtype)
     with _COMBINED_LOCK:
         hit = _COMBINED.get(key)
@@ -213,12 +277,11 @@ def device_tables(
     V = priors[0].vocab_size
     if any(p.vocab_size != V for p in priors):
         raise ValueError("priors stacked in one batch must share one vocabulary")
-    tabs = [p.tables for p in priors]
-    uni = np.stack([t.unigram for t in tabs])
+    tabs = [_prior_tables(p, device, dtype) for p in priors]
     built = DeviceTables(
         vocab_size=V,
-        unigram=torch.from_numpy(uni).to(device, dtype),
-        log_unigram=torch.from_numpy(_log64(uni)).to(device, dtype),
+        unigram=torch.stack([t.unigram for t in tabs]),
+        log_unigram=torch.stack([t.log_unigram for t in tabs]),
         bi=_device_order([t.bi for t in tabs], V, device, dtype),
         tri=_device_order([t.tri for t in tabs], V * V, device, dtype),
     )

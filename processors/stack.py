@@ -202,10 +202,28 @@ class ProcessorStack:
         return any(self.stages)
 
     def apply(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
-        """Run every stage in order on ``logits (B, V)`` and return the steered logits."""
+        """Run every stage in order on ``logits (B, V)`` and return the steered logits.
+
+        ``logits`` (and ``ctx.base_logits``, which may be the same tensor) are never
+        written. A processor with ``in_place = True`` has an ``apply_`` that writes into
+        a tensor the stack owns: the first output of an out-of-place processor, or one
+        copy made for the first in-place one; so a stack of k such processors makes one
+        ``(B, V)`` copy instead of k.
+        """
+        owned = False
         for stage in self.stages:
             for proc in stage:
-                logits = proc.apply(ctx, logits)
+                apply_ = getattr(proc, "apply_", None) if getattr(proc, "in_place", False) \
+                    else None
+                if apply_ is not None:
+                    if not owned:
+                        logits, owned = logits.clone(), True
+                    logits = apply_(ctx, logits)
+                else:
+                    out = proc.apply(ctx, logits)
+                    # A fresh tensor is ours to write; the input or the base never is.
+                    owned = owned or (out is not logits and out is not ctx.base_logits)
+                    logits = out
         return logits
 
     def processors(self) -> list[Processor[Any]]:

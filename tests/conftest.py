@@ -22,6 +22,7 @@ os.environ.setdefault("STEER_WEIGHTS", "fp32")
 
 import httpx
 import pytest
+import torch
 import uvicorn
 
 import processors  # noqa: F401  (registers processors)
@@ -39,6 +40,16 @@ from server.settings import Settings
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 
+# Every device present: the CPU always, CUDA when available (issue 20: the processor and
+# engine unit tests run on each).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Each device present (see ``DEVICES``)."""
+    return torch.device(request.param)
+
 
 def real_data_dir() -> Path:
     """Where the converted embedded model is cached (shared across test runs)."""
@@ -55,9 +66,26 @@ def real_bundle() -> ModelBundle:
     return load_model(EMBEDDED, real_data_dir(), weights="fp32")
 
 
+_ON_DEVICE: dict[str, Any] = {}
+
+
+def model_on(model: Any, device: torch.device) -> Any:
+    """``model`` itself on the CPU, else a copy moved to ``device`` (made once)."""
+    if device.type == "cpu":
+        return model
+    key = f"{id(model)}:{device}"
+    if key not in _ON_DEVICE:
+        import copy
+
+        _ON_DEVICE[key] = copy.deepcopy(model).to(device)
+    return _ON_DEVICE[key]
+
+
 @pytest.fixture
-def tiny_engine(tiny_bundle: ModelBundle) -> Iterator[Engine]:
-    engine = Engine(tiny_bundle.model, tiny_bundle.tokenizer, EngineConfig(max_batch_size=16))
+def tiny_engine(tiny_bundle: ModelBundle, device: torch.device) -> Iterator[Engine]:
+    """An engine over the tiny model on each device present (float32)."""
+    model = model_on(tiny_bundle.model, device)
+    engine = Engine(model, tiny_bundle.tokenizer, EngineConfig(max_batch_size=16))
     engine.start()
     yield engine
     engine.stop()
@@ -84,16 +112,70 @@ def collect_events(q: queue.Queue[Any]) -> tuple[list[int], FinishEvent]:
             raise AssertionError(f"engine error: {ev}")
 
 
+def run_to_completion(
+    engine: Engine, request: GenerationRequest, timeout: float = 600.0
+) -> tuple[list[int], str, FinishEvent]:
+    """Submit ``request`` and block until it finishes: the generated token ids, the full
+    text and the final event; raises RuntimeError on an ErrorEvent."""
+    q: queue.Queue[Any] = queue.Queue()
+    engine.submit(request, q.put)
+    tokens: list[int] = []
+    text: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        ev = q.get(timeout=max(0.0, deadline - time.monotonic()))
+        if isinstance(ev, TokenEvent):
+            tokens.extend(ev.token_ids)
+            text.append(ev.text)
+        elif isinstance(ev, FinishEvent):
+            text.append(ev.text)
+            return tokens, "".join(text), ev
+        else:
+            raise RuntimeError(ev.message)
+
+
+class EngineProbe:
+    """What a test observes of an engine from outside, by wrapping two of its calls on
+    the instance: ``peak_batch`` (most rows sampled in one step) and ``prefill_rows``
+    (prompts actually prefilled; a shared prefix counts once). Use :func:`probe`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.peak_batch = 0
+        self.prefill_rows = 0
+        sample, prefill = engine.sampler.sample, engine.runner.prefill
+
+        def sample_spy(logits: Any, *a: Any, **k: Any) -> Any:
+            self.peak_batch = max(self.peak_batch, int(logits.shape[0]))
+            return sample(logits, *a, **k)
+
+        def prefill_spy(prompts: Any, *a: Any, **k: Any) -> Any:
+            self.prefill_rows += len(prompts)
+            return prefill(prompts, *a, **k)
+
+        engine.sampler.sample = sample_spy  # type: ignore[method-assign]
+        engine.runner.prefill = prefill_spy  # type: ignore[method-assign]
+
+
+def probe(engine: Engine) -> EngineProbe:
+    """The engine's probe, installed on first use (so wrappers never stack)."""
+    found = engine.__dict__.get("_test_probe")
+    if not isinstance(found, EngineProbe):
+        found = EngineProbe(engine)
+        engine.__dict__["_test_probe"] = found
+    return found
+
+
 def run_together(
     engine: Engine, reqs: list[GenerationRequest]
 ) -> list[tuple[list[int], FinishEvent]]:
     """Submit atomically so that the requests are admitted and decoded as one batch
     (checked: the engine's peak batch is exactly their number)."""
-    engine.peak_batch = 0
+    seen = probe(engine)
+    seen.peak_batch = 0
     queues: list[queue.Queue[Any]] = [queue.Queue() for _ in reqs]
     engine.submit_many([(r, q.put) for r, q in zip(reqs, queues, strict=True)])
     out = [collect_events(q) for q in queues]
-    assert engine.peak_batch == len(reqs)
+    assert seen.peak_batch == len(reqs)
     return out
 
 

@@ -5,7 +5,6 @@ from server.engine.scheduler import (
     EngineConfig,
     EngineUnavailableError,
     QueueFullError,
-    run_to_completion,
 )
 from server.engine.types import (
     ErrorEvent,
@@ -27,5 +26,4 @@ __all__ = [
     "RequestHandle",
     "SamplingParams",
     "TokenEvent",
-    "run_to_completion",
 ]

@@ -191,7 +191,7 @@ class AuxPool:
             if m.keys:
                 assert m.rows is not None
                 full = m.batch.next_logits.new_zeros(batch, m.batch.next_logits.shape[1])
-                out[name] = full.index_copy(0, m.rows, m.batch.next_logits)
+                out[name] = full.index_copy_(0, m.rows, m.batch.next_logits)  # into ours
         return out
 
     def decode(self, keys: Sequence[Hashable], tokens: torch.Tensor) -> None:

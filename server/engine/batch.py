@@ -128,10 +128,23 @@ class BatchState:
         """Whether any row has padding columns (host-side; no device read)."""
         return bool(self.lengths) and min(self.lengths) != self.mask.shape[1]
 
-    def add(self, other: BatchState) -> None:
-        """Append the rows of ``other`` (a freshly prefilled group) at the end."""
+    def add(self, other: BatchState, at: int | None = None, head: int | None = None) -> None:
+        """Add the rows of ``other`` (a freshly prefilled group).
+
+        By default they go at the end. With ``at``/``head``, the first ``head`` rows of
+        ``other`` go before row ``at`` of ``self`` and the rest at the end — the order
+        ``self[:at], other[:head], self[at:], other[head:]`` in one concatenation per
+        tensor (the engine keeps its rows first and the twins' rows after them).
+        """
         if other.size == 0:
             return
+        n_self = self.size if (self.cache is not None) else 0
+        at = n_self if at is None else at
+        head = other.size if head is None else head
+
+        def merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.cat([a[:at], b[:head], a[at:], b[head:]], 0)
+
         if self.cache is None or self.size == 0:
             self.cache, self.mask, self.lengths = other.cache, other.mask, list(other.lengths)
             self.last_tokens, self.next_logits = other.last_tokens, other.next_logits
@@ -142,25 +155,23 @@ class BatchState:
         L_old, L_new = self.mask.shape[1], other.mask.shape[1]
         L = max(L_old, L_new)
         for old, new in zip(_layers(self.cache), _layers(other.cache), strict=True):
-            old.keys = torch.cat(
-                [_left_pad(old.keys, L - L_old, 2), _left_pad(new.keys, L - L_new, 2)], 0
+            old.keys = merge(_left_pad(old.keys, L - L_old, 2), _left_pad(new.keys, L - L_new, 2))
+            old.values = merge(
+                _left_pad(old.values, L - L_old, 2), _left_pad(new.values, L - L_new, 2)
             )
-            old.values = torch.cat(
-                [_left_pad(old.values, L - L_old, 2), _left_pad(new.values, L - L_new, 2)], 0
-            )
-        self.mask = torch.cat(
-            [_left_pad(self.mask, L - L_old, 1), _left_pad(other.mask, L - L_new, 1)], 0
-        )
-        self.lengths += other.lengths
-        self.last_tokens = torch.cat([self.last_tokens, other.last_tokens], 0)
-        self.next_logits = torch.cat([self.next_logits, other.next_logits], 0)
+        self.mask = merge(_left_pad(self.mask, L - L_old, 1), _left_pad(other.mask, L - L_new, 1))
+        self.lengths = (self.lengths[:at] + other.lengths[:head] + self.lengths[at:]
+                        + other.lengths[head:])
+        self.last_tokens = merge(self.last_tokens, other.last_tokens)
+        self.next_logits = merge(self.next_logits, other.next_logits)
         names = set(self.next_stats) | set(other.next_stats)
-        n_old, n_new = self.last_tokens.shape[0] - other.size, other.size
+        n_old, n_new = n_self, other.size
+        nan = float("nan")
         self.next_stats = {
-            k: torch.cat([
-                self.next_stats.get(k, self.next_logits.new_full((n_old,), float("nan"))),
-                other.next_stats.get(k, self.next_logits.new_full((n_new,), float("nan"))),
-            ]) for k in names
+            k: merge(
+                self.next_stats.get(k, self.next_logits.new_full((n_old,), nan)),
+                other.next_stats.get(k, self.next_logits.new_full((n_new,), nan)),
+            ) for k in names
         }
         self.seen = None  # the owner rebuilds it for the new composition
 

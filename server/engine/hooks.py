@@ -87,7 +87,6 @@ class ControlHooks:
         config: Any = model.config
         self.hidden_size = int(config.hidden_size)
         self._local = threading.local()
-        self.calls = 0  # forwards that steered (tests)
         self._handles = [
             layer.register_forward_hook(partial(self._hook, i))
             for i, layer in enumerate(self.layers)
@@ -103,7 +102,6 @@ class ControlHooks:
         new.layers = copy.deepcopy(self.layers, memo)
         new.num_layers, new.hidden_size = self.num_layers, self.hidden_size
         new._local = threading.local()
-        new.calls = 0
         new._handles = []  # the copy's registrations came with its layers' hook dicts
         return new
 
@@ -143,7 +141,6 @@ class ControlHooks:
             return
         phase.begin(mask, positions[:, -1:] if positions is not None else None)
         self._local.phase = phase
-        self.calls += 1
         try:
             yield
         finally:

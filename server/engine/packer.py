@@ -35,22 +35,42 @@ class HostPacker:
 
     def fetch(self) -> PackedHost:
         """Copy every registered column to the host (the one sync) and reset."""
+        return self.begin().wait()
+
+    def begin(self) -> PendingCopy:
+        """Start the copy of every registered column and reset; the host data is ready
+        after :meth:`PendingCopy.wait`. On CUDA the copy is queued (pinned buffer,
+        ``non_blocking``) ahead of whatever the caller launches next — the next decode
+        then runs while the host waits only for this copy; on the CPU it is done here."""
         packed = torch.cat(self._cols, dim=1) if len(self._cols) > 1 else self._cols[0]
-        if packed.device.type == "cuda":
-            shape = tuple(packed.shape)
-            if self._pinned is None or tuple(self._pinned.shape) != shape:
-                self._pinned = torch.empty(shape, dtype=packed.dtype, pin_memory=True)
-            host = self._pinned
-            host.copy_(packed, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-            done.synchronize()
-            rows = host.tolist()
-        else:
-            rows = packed.tolist()
-        out = PackedHost(rows, dict(self._layout))
+        layout = dict(self._layout)
         self._cols, self._layout, self._width = [], {}, 0
-        return out
+        if packed.device.type != "cuda":
+            return PendingCopy(layout, rows=packed.tolist())
+        shape = tuple(packed.shape)
+        if self._pinned is None or tuple(self._pinned.shape) != shape:
+            self._pinned = torch.empty(shape, dtype=packed.dtype, pin_memory=True)
+        host = self._pinned
+        host.copy_(packed, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingCopy(layout, host=host, done=done)
+
+
+class PendingCopy:
+    """One step's packed copy in flight (see :meth:`HostPacker.begin`)."""
+
+    def __init__(self, layout: dict[str, tuple[int, int]], rows: list[list[float]] | None = None,
+                 host: torch.Tensor | None = None, done: torch.cuda.Event | None = None) -> None:
+        self._layout, self._rows, self._host, self._done = layout, rows, host, done
+
+    def wait(self) -> PackedHost:
+        """Block until the copy has landed (CUDA: on its event only) and read it."""
+        if self._rows is None:
+            assert self._host is not None and self._done is not None
+            self._done.synchronize()
+            self._rows = self._host.tolist()
+        return PackedHost(self._rows, self._layout)
 
 
 class PackedHost:
@@ -74,4 +94,4 @@ class PackedHost:
         return self.rows[b][first : first + width]
 
 
-__all__ = ["HostPacker", "PackedHost"]
+__all__ = ["HostPacker", "PackedHost", "PendingCopy"]

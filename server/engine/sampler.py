@@ -30,6 +30,7 @@ greedy rows draw nothing.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -77,14 +78,27 @@ class Sampler:
         params = [r.params for r in rows]
         greedy = [is_greedy(p) for p in params]
 
-        def col(values: Sequence[float], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=dev).view(-1, 1)
+        pairs = list(zip(params, greedy, strict=True))
+        V = self.vocab_size
+        # Every per-row parameter in one host table and one upload (issue 20.5): columns
+        # greedy, temperature, top_k, top_p, min_p, repetition, presence, frequency.
+        # float64 holds top_k (< 2**53) exactly.
+        table = torch.tensor(
+            [[float(g), 1.0 if g else p.temperature,
+              float(min(p.top_k, V) if p.top_k > 0 else V), p.top_p, p.min_p,
+              p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
+             for p, g in pairs],
+            dtype=torch.float64,
+        ).view(-1, 8).to(dev)
+        f32 = table.to(torch.float32)
 
-        self.greedy = col(greedy, torch.bool)  # (B,1)
+        def col(j: int) -> torch.Tensor:
+            return f32[:, j : j + 1]  # (B, 1)
+
+        self.greedy = table[:, 0:1] > 0.5  # (B,1)
         self.all_greedy = all(greedy)
         self.any_greedy = any(greedy)
-        pairs = list(zip(params, greedy, strict=True))
-        self.temperature = col([1.0 if g else p.temperature for p, g in pairs])
+        self.temperature = col(1)
         self.any_temp = any(not g and p.temperature != 1.0 for p, g in pairs)
         # Rows that draw noise: sampled rows with a generator (greedy rows draw nothing).
         self._draws = [
@@ -95,21 +109,18 @@ class Sampler:
         sampled = [p for p, g in zip(params, greedy, strict=True) if not g]
         self.top_k_max = max((p.top_k for p in sampled if p.top_k > 0), default=0)
         self.top_k_max = min(self.top_k_max, self.vocab_size)
-        self.top_k = col(
-            [min(p.top_k, self.vocab_size) if p.top_k > 0 else self.vocab_size for p in params],
-            torch.long,
-        )
+        self.top_k = table[:, 2:3].to(torch.long)
         self.any_top_p = any(p.top_p < 1.0 for p in sampled)
-        self.top_p = col([p.top_p for p in params])
+        self.top_p = col(3)
         self.any_min_p = any(p.min_p > 0.0 for p in sampled)
-        self.min_p = col([p.min_p for p in params])
+        self.min_p = col(4)
         self.any_rep = any(p.repetition_penalty != 1.0 for p in params)
-        self.rep = col([p.repetition_penalty for p in params])
+        self.rep = col(5)
         self.any_pen = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
         self._counts = None
         if self.any_pen:
-            self.presence = col([p.presence_penalty for p in params])  # (B,1)
-            self.frequency = col([p.frequency_penalty for p in params])  # (B,1)
+            self.presence = col(6)  # (B,1)
+            self.frequency = col(7)  # (B,1)
             zeros = torch.zeros(self.vocab_size, dtype=torch.float32, device=dev)
             self._counts = torch.stack(
                 [r.counts if r.counts is not None else zeros for r in rows]
@@ -167,46 +178,59 @@ class Sampler:
         bans: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         B, V = logits.shape
+        # ``logits`` is the caller's (not modified); once a step has made a fresh tensor
+        # (``owned``), the later steps write into it instead of allocating another (B, V)
+        # — in-place ops give the same bits as their out-of-place forms.
+        owned = False
         if self.any_rep and seen is not None:
             penalized = torch.where(logits > 0, logits / self.rep, logits * self.rep)
-            logits = torch.where(seen, penalized, logits)
+            logits, owned = torch.where(seen, penalized, logits), True
         if self._counts is not None:
             logits = (
                 logits
                 - self.frequency * self._counts
                 - self.presence * (self._counts > 0).to(logits.dtype)
             )
+            owned = True
         if self.any_eos_block:
-            logits = logits.masked_fill(self._eos_block_mask(), float("-inf"))
+            mask = self._eos_block_mask()
+            logits = logits.masked_fill_(mask, -math.inf) if owned else \
+                logits.masked_fill(mask, -math.inf)
+            owned = True
         if bans is not None and bans[0].numel():
-            logits = logits.index_put(bans, torch.tensor(float("-inf"), device=logits.device))
+            ninf = torch.tensor(-math.inf, device=logits.device)
+            logits = logits.index_put_(bans, ninf) if owned else logits.index_put(bans, ninf)
+            owned = True
         greedy_tokens = logits.argmax(dim=-1)
         if self.all_greedy:
             return greedy_tokens
         if self.any_temp:
-            logits = logits / self.temperature
+            logits = logits.div_(self.temperature) if owned else logits / self.temperature
+            owned = True
         if self.top_k_max > 0:
             top_vals = logits.topk(self.top_k_max, dim=-1).values  # (B, Kmax)
             kth = top_vals.gather(1, (self.top_k.clamp(max=self.top_k_max) - 1))
-            kth = torch.where(self.top_k >= V, torch.full_like(kth, float("-inf")), kth)
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            kth = torch.where(self.top_k >= V, torch.full_like(kth, -math.inf), kth)
+            drop = logits < kth
+            logits = logits.masked_fill_(drop, -math.inf) if owned else \
+                logits.masked_fill(drop, -math.inf)
         if self.any_top_p:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             probs = sorted_logits.softmax(dim=-1)
             before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
             drop = (before > self.top_p) & (self.top_p < 1.0)
             drop[:, 0] = False  # always keep the most likely token
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            sorted_logits = sorted_logits.masked_fill_(drop, -math.inf)
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-        probs = logits.softmax(dim=-1)
+        probs = logits.softmax(dim=-1)  # fresh: written in place from here on
         if self.any_min_p:
             floor = self.min_p * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < floor, 0.0)
+            probs = probs.masked_fill_(probs < floor, 0.0)
         # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) samples i with prob ∝ p_i.
         noise = torch.ones_like(probs)
         for b, gen in self._draws:
             noise[b].exponential_(generator=gen)
-        sampled = (probs / noise).argmax(dim=-1)
+        sampled = probs.div_(noise).argmax(dim=-1)
         if self.any_greedy:
             return torch.where(self.greedy.view(-1), greedy_tokens, sampled)
         return sampled

@@ -4,10 +4,13 @@ Requests wait in a bounded queue and join the running batch at step boundaries; 
 loop iteration (1) drops cancelled rows, (2) prefills newly admitted rows as one group
 and merges their KV cache into the batch, (3) runs the processor stack and the sampler
 on every row's pending logits, (4) emits tokens, applies stop conditions and removes
-finished rows, (5) runs one batched decode forward for the rows that remain, then
-(6) runs one chunk of the head extraction job, if any (``server.engine.extract``): every
-forward of the model runs on this thread. The asyncio event loop never touches torch:
-results travel through per-request sinks and job futures.
+finished rows, (5) runs one batched decode forward for the rows that remain (with
+``EngineConfig.overlap``, (5) is launched before (4) for every row, and the rows that
+ended are dropped from its result; docs/engine.md), then (6) runs one chunk of the head
+extraction job, if any (``server.engine.extract``): every forward of the model runs on
+this thread (or, with overlap on the CPU, on its one helper thread, while this one waits
+for it). The asyncio event loop never touches torch: results travel through
+per-request sinks and job futures.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +85,11 @@ class EngineConfig:
     max_prefill_tokens: int = 8192
     request_timeout_s: float | None = None  # default per-request budget (None = unlimited)
     fusion_memory_mb: int = 256  # dynamic fusion's per-chunk candidate buffer (MiB)
+    # Launch the next decode before the host emits the step just sampled (issue 20.6).
+    # None = where it pays: on CUDA (kernels run asynchronously, the launch returns at
+    # once); off on the CPU, where the forward would have to run on a helper thread
+    # (True does that) and the measured gain on 2 cores is nil (docs/engine.md).
+    overlap: bool | None = None
 
 
 @dataclass
@@ -151,7 +161,7 @@ class Engine:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self._eos_set = set(self.eos_ids)
         self.batch = BatchState(self.vocab_size, self.device)
-        self.twins = UnsteeredTwins(self.runner, self.vocab_size, self.device)
+        self.twins = UnsteeredTwins(self.device)
         self._decode_phase: Any = None  # control-vector deltas of decode steps (PhaseDeltas)
         self.stack = ProcessorStack(
             self.device,
@@ -170,13 +180,23 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._dirty = True  # batch composition changed since the last rebuild
+        # Batch rows kept since the last rebuild when rows only left (None: a join or a
+        # reset happened, so everything is rebuilt from the host).
+        self._leave_map: list[int] | None = None
         self._any_diag = False
         self._logprobs_k: int | None = None  # max top-k asked by a row; None = no row asks
         self.observer = EngineObserver()  # replaced by the server's metrics
         self.dead: str | None = None
         self.steps = 0
-        self.peak_batch = 0  # largest batch decoded so far (tests, benchmarks)
-        self.prefill_rows = 0  # prompts actually prefilled (shared prefixes count once)
+        overlap = self.config.overlap
+        if overlap is None:
+            overlap = self.device.type == "cuda"
+        # "inline": the decode is launched on this thread (asynchronous on CUDA);
+        # "thread": it runs on a helper thread (torch releases the GIL in its kernels).
+        self._overlap: str = "off"
+        if overlap:
+            self._overlap = "inline" if self.device.type == "cuda" else "thread"
+        self._forward_pool: ThreadPoolExecutor | None = None
 
     # ----------------------------------------------------------------- public API
     def start(self) -> None:
@@ -193,6 +213,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._forward_pool is not None:
+            self._forward_pool.shutdown(wait=True)
+            self._forward_pool = None
 
     @property
     def running(self) -> int:
@@ -367,11 +390,13 @@ class Engine:
         group = self.runner.prefill([k[0] for k in unique], phase)
         if phase is not None and phase.stats:  # control receipts: prefill's share
             group.next_stats = dict(phase.stats)
-        self.prefill_rows += len(unique)
-        self.twins.add(twin, group, twin_owner)
-        if owner != list(range(len(unique))):
-            group = group.gather(owner)
-        self.batch.add(group)
+        # The batch keeps the engine's rows first and the twins after them: the new rows
+        # go before the old twins, the new twins at the end (server.engine.twins).
+        order = owner + twin_owner
+        if order != list(range(len(unique))):
+            group = group.gather(order)
+        self.batch.add(group, at=len(self.rows), head=len(owner))
+        self.twins.join(twin)
         now = time.monotonic()
         for handle, sink in new:
             req = handle.request
@@ -385,23 +410,37 @@ class Engine:
                                   control=RowControl.of(req.steering)))
         self.aux.prefill([r.handle.key for r in self.rows], [(h.key, h.request) for h, _ in new])
         self._dirty = True
+        self._leave_map = None
 
     def _rebuild(self) -> None:
         """Rebuild processors and sampler tensors for the current composition."""
         self.stack.update_state([r.request.steering for r in self.rows])
-        self._decode_phase = build_phase(
-            [control_specs(r.request.steering) for r in self.rows],
-            "generated",
-            self.device,
-            prompt_lens=[len(r.request.prompt_ids) for r in self.rows],
-            triggered=[r.control.watch.fired if r.control and r.control.watch else ()
-                       for r in self.rows],
-        )
-        self.sampler.update_state([r.sampler_row for r in self.rows])
-        if self.sampler.any_rep:
-            self.batch.rebuild_seen([list(r.request.prompt_ids) + r.output for r in self.rows])
+        # Twins are rows B.. of the same forward with no control entry (zero delta).
+        owners = self.twins.owners
+        twin_rows = [self.rows[b] for b in owners]
+        if self._leave_map is not None:
+            # Rows only left: the deltas follow the kept rows on the device (issue 20.5).
+            if self._decode_phase is not None:
+                self._decode_phase = self._decode_phase.select(self._leave_map)
         else:
+            self._decode_phase = build_phase(
+                [control_specs(r.request.steering) for r in self.rows] + [() for _ in owners],
+                "generated",
+                self.device,
+                prompt_lens=[len(r.request.prompt_ids) for r in self.rows + twin_rows],
+                triggered=[r.control.watch.fired if r.control and r.control.watch else ()
+                           for r in self.rows] + [() for _ in owners],
+            )
+        self._leave_map = None
+        self.sampler.update_state([r.sampler_row for r in self.rows])
+        if not self.sampler.any_rep:
             self.batch.seen = None
+        elif self.batch.seen is None:
+            # Only after a join: on a leave the presence rows follow the kept rows
+            # (BatchState.select), no re-upload. Twins carry their owner's history.
+            self.batch.rebuild_seen(
+                [list(r.request.prompt_ids) + r.output for r in self.rows + twin_rows]
+            )
         self._any_diag = any(r.request.diagnostics != "off" for r in self.rows)
         asked = [r.request.sampling.logprobs for r in self.rows]
         self._logprobs_k = max((k for k in asked if k is not None), default=None)
@@ -409,35 +448,75 @@ class Engine:
 
     # One engine step = sample (device) -> fetch (the one host copy) -> emit (host, per
     # row) -> retire (rows that ended leave the batch) -> decode (the next forward).
+    #
+    # With overlap (issue 20.6) the decode goes before emit: every row of the step is
+    # decoded while the host detokenizes and calls the sinks; a row that ended this step
+    # leaves one forward later and that forward's logits for it are dropped by retire
+    # (its extra token is never sampled from, let alone emitted).
     def _step(self) -> None:
         if self._dirty:
             self._rebuild()
         out = self._sample()
-        host = self._packer.fetch()  # the one device->host copy of this step
+        copy = self._packer.begin()  # the one device->host copy of this step
         self.steps += 1
-        self.peak_batch = max(self.peak_batch, len(self.rows))
-        keep = self._emit_all(out, host)
+        if self._overlap != "off" and not self._watching():
+            pending = self._launch_decode(out.tokens)
+            try:
+                keep = self._emit_all(out, copy.wait())
+            finally:  # never leave the forward running into a failure path's reset
+                if pending is not None:
+                    wait_futures([pending])
+            if pending is not None:
+                pending.result()  # the forward's own exception, if any, surfaces here
+            if len(keep) != len(self.rows):
+                self._keep_rows(keep)
+            return
+        keep = self._emit_all(out, copy.wait())
         tokens = out.tokens
         if len(keep) != len(self.rows):
             self._keep_rows(keep)
             if keep:
-                tokens = tokens.index_select(0, torch.tensor(keep, device=tokens.device))
+                tokens = tokens.index_select(0, torch.tensor(keep).to(tokens.device))
         if self.rows:
             self._decode(tokens)
+
+    def _watching(self) -> bool:
+        """Whether a row waits for an ``after`` marker: emit may then open its window,
+        which must reach the very next forward, so that step does not overlap."""
+        return any(
+            r.control is not None and r.control.watch is not None
+            and len(r.control.watch.fired) < len(r.control.watch.markers)
+            for r in self.rows
+        )
+
+    def _launch_decode(self, tokens: torch.Tensor) -> Future[None] | None:
+        """Start the next decode for every current row; None when it ran inline (on
+        CUDA the launch returns once the kernels are queued)."""
+        if self._overlap == "inline":
+            self._decode(tokens)
+            return None
+        if self._forward_pool is None:
+            self._forward_pool = ThreadPoolExecutor(
+                1, thread_name_prefix="steer-forward",
+                initializer=torch.set_grad_enabled, initargs=(False,))  # as the engine
+        return self._forward_pool.submit(self._decode, tokens)
 
     def _sample(self) -> _StepOutput:
         """Run the processor stack and the sampler on every row's pending logits and
         register what the host needs with the packer (nothing is copied yet)."""
-        fwd = self.batch.next_logits  # (B, V) as the (possibly control-steered) forward gave
-        base = self.twins.base_logits(fwd)  # unsteered logits for rows with a twin
+        B = len(self.rows)
+        # (B, V) as the (possibly control-steered) forward gave; rows B.. are twins.
+        fwd = self.batch.next_logits[:B]
+        base = self.twins.base_logits(self.batch.next_logits, B)  # unsteered for twin owners
         aux_logits: dict[str, torch.Tensor] = {}
         if self.aux.active:  # fusion: the auxiliary models' logits of this step
             aux_logits = self.aux.logits([r.handle.key for r in self.rows], len(self.rows))
-        ctx = StepContext(base_logits=base, last_tokens=self.batch.last_tokens,
+        ctx = StepContext(base_logits=base, last_tokens=self.batch.last_tokens[:B],
                           want_stats=self._any_diag, aux_logits=aux_logits)
         steered = self.stack.apply(ctx, fwd) if self.stack.active else fwd
         # Hard bans (logit_bias -100) go last, after the sampler's penalties.
-        tokens = self.sampler.sample(steered, self.batch.seen, self.stack.bans)  # (B,)
+        seen = self.batch.seen[:B] if self.batch.seen is not None else None
+        tokens = self.sampler.sample(steered, seen, self.stack.bans)  # (B,)
         pack = self._packer
         pack.add("token", tokens)
         # A row whose steered logits hold a NaN or +inf, or are all -inf, has no valid
@@ -455,7 +534,7 @@ class Engine:
                 names.append(k)
         forward_stats = sorted(self.batch.next_stats)
         for k in forward_stats:
-            pack.add(f"fwd:{k}", self.batch.next_stats[k])
+            pack.add(f"fwd:{k}", self.batch.next_stats[k][:B])
         if self._logprobs_k is not None:
             # Logprobs only when some row asks: log_softmax of the steered logits, the
             # emitted token's value and the top-k, shipped in the same host transfer.
@@ -542,20 +621,24 @@ class Engine:
         """Run the next forward for the remaining rows, fed their sampled ``tokens``."""
         if self._dirty:  # rows left: their deltas must leave the decode phase too
             self._rebuild()
-        self.batch.append_tokens(tokens)
+        fed = self.twins.feed(tokens)  # (B + J,): twins get their owner's token
+        self.batch.append_tokens(fed)
         phase = self._decode_phase
-        self.batch.next_logits = self.runner.decode(self.batch, tokens, phase)
+        self.batch.next_logits = self.runner.decode(self.batch, fed, phase)
         stats = getattr(phase, "stats", None)
         self.batch.next_stats = dict(stats) if stats else {}
-        self.twins.decode(tokens)
         if self.aux.active:  # same tokens, each auxiliary model's own rows and cache
             self.aux.decode([r.handle.key for r in self.rows], tokens)
 
     def _keep_rows(self, keep: Sequence[int]) -> None:
         """Keep only rows ``keep`` (batch order) in every per-row structure."""
         self.rows = [self.rows[b] for b in keep]
-        self.batch.select(keep)
-        self.twins.select(keep)
+        rows = self.twins.select(keep)  # batch rows: the kept rows, then their twins
+        self.batch.select(rows)
+        if not self._dirty:
+            self._leave_map = rows
+        elif self._leave_map is not None:  # a second leave before the rebuild
+            self._leave_map = [self._leave_map[i] for i in rows]
         self.aux.sync([r.handle.key for r in self.rows])  # frees their aux caches
         self._dirty = True
 
@@ -568,6 +651,7 @@ class Engine:
         self.aux.reset()
         self._decode_phase = None
         self._dirty = True
+        self._leave_map = None
 
     def _advance_row(
         self, row: _Row, token: int, now: float, lp: TokenLogprob | None = None
@@ -730,30 +814,3 @@ class _StepOutput:
     ctx: StepContext
     diag_names: list[str]
     forward_stats: list[str]
-
-
-def run_to_completion(
-    engine: Engine, request: GenerationRequest, timeout: float = 600.0
-) -> tuple[list[int], str, FinishEvent]:
-    """Submit ``request`` and block until it finishes (for tests and benchmarks).
-
-    Returns the generated token ids, the full text and the final event; raises
-    RuntimeError on an ErrorEvent.
-    """
-    import queue
-
-    q: queue.Queue[Any] = queue.Queue()
-    engine.submit(request, q.put)
-    tokens: list[int] = []
-    text: list[str] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        ev = q.get(timeout=max(0.0, deadline - time.monotonic()))
-        if isinstance(ev, TokenEvent):
-            tokens.extend(ev.token_ids)
-            text.append(ev.text)
-        elif isinstance(ev, FinishEvent):
-            text.append(ev.text)
-            return tokens, "".join(text), ev
-        else:
-            raise RuntimeError(ev.message)

@@ -4,20 +4,23 @@ Diagnostics (and calibration) compare the steered distribution with the frozen m
 ``base_logits``. For logits processors those are simply the forward's logits; a control
 vector, however, steers the forward itself, so its logits are already steered. For each
 control-steered row that needs the reference (it asked for diagnostics, or it has a
-``margin`` or ``guard`` entry) the engine keeps a *twin*: a row of a second
-:class:`BatchState` with its own KV cache, fed the same tokens as its owner but run
-without any delta.
+``margin`` or ``guard`` entry) the engine keeps a *twin*: an extra row **of the main
+batch** (its own KV rows, after all the engine's rows), fed the same token as its owner
+and run with a zero delta. Twins never sample and never emit.
 
 * The twin's prompt is prefilled in the **same forward** as its owner's group (an extra
   row with zero delta; a twin whose prompt is unsteered — ``positions: "generated"`` —
   shares its owner's prefill row).
-* Each decode step runs one extra forward for the twins only (none when no row has one),
-  in the same engine step, before the next sampling. Cost: only when asked.
-* ``base_logits`` of those rows become the twins' logits; every other row keeps the
-  forward's logits object unchanged (no copy when no row has a twin).
+* Each decode step is **one** forward for the engine's rows and the twins together:
+  the decode phase gives the twin rows no control entry (zero delta), and
+  :meth:`UnsteeredTwins.feed` appends the owners' sampled tokens for them.
+* ``base_logits`` of the owner rows become their twins' logits; every other row keeps
+  the forward's logits (no copy when no row has a twin).
 
-Twin ``j`` belongs to the ``j``-th row whose flag is set; flags follow the engine's rows
-through joins (:meth:`add`) and leaves (:meth:`select`).
+Layout of the main :class:`~server.engine.batch.BatchState` with ``B`` engine rows and
+``J`` twins: rows ``0..B-1`` are the engine's, row ``B + j`` is twin ``j``, which belongs
+to the ``j``-th engine row whose flag is set (so twins are in owner order; joins append
+new rows before the old twins' block and new twins after it, leaves keep both in order).
 """
 
 from __future__ import annotations
@@ -27,8 +30,6 @@ from collections.abc import Sequence
 import torch
 
 from processors.control import ControlSpec
-from server.engine.batch import BatchState
-from server.engine.runner import ModelRunner
 from server.engine.types import GenerationRequest
 
 
@@ -44,63 +45,65 @@ def wants_twin(request: GenerationRequest, specs: Sequence[ControlSpec]) -> bool
 
 
 class UnsteeredTwins:
-    """The twin rows of the running batch (see the module docstring)."""
+    """Which engine rows have a twin, and the index arithmetic of the twin block (see
+    the module docstring). Holds no cache of its own."""
 
-    def __init__(self, runner: ModelRunner, vocab_size: int, device: torch.device) -> None:
-        self.runner = runner
-        self.vocab_size = vocab_size
+    def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.batch = BatchState(vocab_size, device)
         self.reset()
 
     def reset(self) -> None:
         """Drop every twin (the engine's batch was reset); allocates nothing (the
         device may have failed)."""
-        self.batch.clear()
         self.flags: list[bool] = []  # one per engine row: has a twin
-        self._pos: torch.Tensor | None = None  # (J,) engine-row index of each twin
+        self.owners: list[int] = []  # engine-row index of each twin, in twin order
+        self._pos: torch.Tensor | None = None  # (J,) device copy of ``owners``
 
     @property
     def active(self) -> bool:
         """Whether any row has a twin."""
-        return self._pos is not None
+        return bool(self.owners)
 
-    def _update_pos(self) -> None:
-        pos = [b for b, f in enumerate(self.flags) if f]
-        self._pos = torch.tensor(pos, dtype=torch.long, device=self.device) if pos else None
+    @property
+    def count(self) -> int:
+        """``J``, the number of twin rows after the engine's rows."""
+        return len(self.owners)
 
-    def add(self, flags: Sequence[bool], prefill: BatchState, rows: Sequence[int]) -> None:
+    def _update(self) -> None:
+        self.owners = [b for b, f in enumerate(self.flags) if f]
+        self._pos = (torch.tensor(self.owners, dtype=torch.long).to(self.device)
+                     if self.owners else None)
+
+    def join(self, flags: Sequence[bool]) -> None:
         """Rows joined the engine's batch: ``flags[i]`` says whether new row ``i`` has a
-        twin; the twins' prefill state is rows ``rows`` of the group's ``prefill``."""
+        twin (the batch received their twins' rows at the end)."""
         self.flags.extend(bool(f) for f in flags)
-        if rows:
-            self.batch.add(prefill.gather(rows))
-        self._update_pos()
+        self._update()
 
-    def select(self, keep: Sequence[int]) -> None:
-        """The engine kept rows ``keep``; keep their twins, drop the others'."""
-        if len(keep) == len(self.flags):
-            return
-        twin_of = {b: j for j, b in enumerate(b for b, f in enumerate(self.flags) if f)}
-        kept = [twin_of[b] for b in keep if b in twin_of]
-        if len(kept) != len(twin_of):
-            self.batch.select(kept)
+    def select(self, keep: Sequence[int]) -> list[int]:
+        """The engine keeps its rows ``keep``; return the batch rows to keep (those rows,
+        then the twins of the kept owners) and forget the other twins."""
+        B = len(self.flags)
+        twin_of = {b: j for j, b in enumerate(self.owners)}
+        rows = list(keep) + [B + twin_of[b] for b in keep if b in twin_of]
         self.flags = [self.flags[b] for b in keep]
-        self._update_pos()
+        self._update()
+        return rows
 
-    def base_logits(self, forward_logits: torch.Tensor) -> torch.Tensor:
-        """``forward_logits (B, V)`` with the twin rows' unsteered logits swapped in."""
+    def base_logits(self, logits: torch.Tensor, B: int) -> torch.Tensor:
+        """The reference logits ``(B, V)`` from the forward's ``logits (B + J, V)``: the
+        engine rows' own, with each owner's row replaced by its twin's."""
+        fwd = logits[:B]
         if self._pos is None:
-            return forward_logits
-        return forward_logits.index_copy(0, self._pos, self.batch.next_logits)
+            return fwd
+        return fwd.index_copy(0, self._pos, logits[B:])
 
-    def decode(self, tokens: torch.Tensor) -> None:
-        """Feed the engine rows' sampled ``tokens (B,)`` to their twins (no steering)."""
+    def feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B + J,)``: the engine rows' sampled ``tokens (B,)`` and, for every twin,
+        its owner's token."""
         if self._pos is None:
-            return
-        tok = tokens.index_select(0, self._pos)  # (J,)
-        self.batch.append_tokens(tok)
-        self.batch.next_logits = self.runner.decode(self.batch, tok)
+            return tokens
+        return torch.cat([tokens, tokens.index_select(0, self._pos)])
 
 
 __all__ = ["UnsteeredTwins", "wants_twin"]

@@ -9,8 +9,7 @@ import httpx
 import pytest
 import torch
 
-from server.engine import run_to_completion
-from tests.conftest import live_server
+from tests.conftest import live_server, run_to_completion
 
 pytestmark = pytest.mark.slow
 

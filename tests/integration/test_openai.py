@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import live_server
+from tests.conftest import live_server, probe
 
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
@@ -81,10 +81,10 @@ def test_chat_content_parts_and_max_completion_tokens(client):
 
 
 def test_n_choices_share_one_prefill_and_seeds_are_seed_plus_i(srv, client):
-    before = srv.engine.prefill_rows
+    before = probe(srv.engine).prefill_rows
     r = client.completions.create(model="tiny", prompt="many", max_tokens=6, n=3, seed=7,
                                   extra_body={"ignore_eos": True})
-    assert srv.engine.prefill_rows == before + 1
+    assert probe(srv.engine).prefill_rows == before + 1
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert r.usage.prompt_tokens == 4 and r.usage.completion_tokens == 18
     texts = [c.text for c in r.choices]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import live_server
+from tests.conftest import live_server, probe
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +20,13 @@ BASE = {"prompt": "sweep me", "max_tokens": 8, "temperature": 0, "ignore_eos": T
 
 def test_sweep_equals_points_requested_one_by_one(srv):
     values = [0.0, 2.0, 5.0, 50.0]
-    before = srv.engine.prefill_rows
+    before = probe(srv.engine).prefill_rows
     r = httpx.post(srv.url + "/v1/sweep", timeout=60,
                    json={"request": BASE, "grid": {"steering.0.bias.70": values}})
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert [p["params"] for p in results] == [{"steering.0.bias.70": v} for v in values]
-    assert srv.engine.prefill_rows - before == 1  # one shared prefill for the 4 points
+    assert probe(srv.engine).prefill_rows - before == 1  # one shared prefill for the 4 points
     for point, v in zip(results, values, strict=True):
         body = {**BASE, "steering": [{"type": "logit_bias", "bias": {"70": v}}]}
         single = httpx.post(srv.url + "/v1/generate", json=body, timeout=60).json()

@@ -15,7 +15,7 @@ from processors.base import ModelGeometry, ProcessorEnv
 from processors.control import ControlProcessor, ControlVector, build_phase
 from processors.metrics import entropy_from_logp, kl_from_logp
 from processors.stack import parse_stack
-from server.engine import Engine, GenerationRequest, SamplingParams
+from server.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
 from server.engine.hooks import ControlHooks
 from server.tiny import tiny_model
 from tests.conftest import run_together
@@ -134,10 +134,20 @@ def test_hooks_are_installed_once_and_free_when_unused(
     assert hooks is engine.runner.hooks and len(hooks._handles) == LAYERS
     again = Engine(engine.model, tok)  # a second engine over the same model reuses them
     assert again.runner.hooks is hooks
-    calls = hooks.calls
-    run_together(engine, [req(tok, env, "Hello there", []), req(tok, env, "Hi", [
-        {"type": "control", "vector": "a", "alpha": 0.0}])])
-    assert hooks.calls == calls  # no steered row: the hooks never got a phase
+    phases: list[Any] = []
+    real = hooks.steering
+
+    def spy(phase: Any, *a: Any, **k: Any) -> Any:
+        phases.append(phase)
+        return real(phase, *a, **k)
+
+    hooks.steering = spy  # type: ignore[method-assign]
+    try:
+        run_together(engine, [req(tok, env, "Hello there", []), req(tok, env, "Hi", [
+            {"type": "control", "vector": "a", "alpha": 0.0}])])
+    finally:
+        del hooks.steering
+    assert phases and all(p is None for p in phases)  # no steered row: never a phase
 
 
 def test_hooks_leave_nothing_behind(setup: tuple[Engine, ProcessorEnv, Any]) -> None:
@@ -171,7 +181,19 @@ def test_diagnostics_use_unsteered_twins(setup: tuple[Engine, ProcessorEnv, Any]
         req(tok, env, "Hello there", gen, "g", diagnostics="steps", n=8),
         req(tok, env, "Hello there", steer, "nodiag", n=8),
     ]
-    (toks, fin), (_, fin_plain), (toks_g, fin_g), (toks_nd, _) = run_together(engine, reqs)
+    forwards: list[int] = []  # batch size of every main-model forward
+    handle = engine.model.register_forward_pre_hook(
+        lambda _m, _a, kw: forwards.append(int(kw["input_ids"].shape[0])), with_kwargs=True)
+    steps = engine.steps
+    try:
+        (toks, fin), (_, fin_plain), (toks_g, fin_g), (toks_nd, _) = run_together(engine, reqs)
+    finally:
+        handle.remove()
+    # One forward per step, twins inside it: the prefill, then one decode for each step
+    # but the last (all rows end together). Three rows are control-steered with
+    # diagnostics or not; "s" and "g" want twins, so decodes carry 4 + 2 rows.
+    assert len(forwards) == 1 + (engine.steps - steps - 1), forwards
+    assert forwards[1:] == [6] * (len(forwards) - 1)
     assert toks_nd == toks  # diagnostics do not change the tokens
     vec = env.control_vectors["a"]
     add = {k: 2.0 * torch.from_numpy(v) for k, v in vec.directions.items()}
@@ -191,3 +213,66 @@ def test_diagnostics_use_unsteered_twins(setup: tuple[Engine, ProcessorEnv, Any]
     assert g["kl_base_steered_mean"] > 0
     assert math.isclose(fin_plain.diagnostics["kl_base_steered_mean"], 0.0, abs_tol=1e-9)
     assert not engine.twins.active  # twins leave with their rows
+
+
+def test_rows_leaving_keep_every_rows_deltas(
+    setup: tuple[Engine, ProcessorEnv, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Control rows that end at different steps: the decode phase follows the kept rows
+    on the device (PhaseDeltas.select, no host rebuild) and every row still equals its
+    solo run; a leave step uploads a handful of small tensors, not the phase again."""
+    engine, env, tok = setup
+    cases = [CASES[0], CASES[2], CASES[4], CASES[6], CASES[1]]
+    reqs = [req(tok, env, p, s, f"l{i}", n=3 + 2 * i) for i, (p, s) in enumerate(cases)]
+    reqs.append(req(tok, env, "Say", [{"type": "control", "vector": "b", "alpha": 1.0,
+                                        "positions": {"after": "e"}}], "after", n=12))
+    solo = [run_together(engine, [r])[0][0] for r in reqs]
+    uploads: list[int] = []
+    made = [0]
+    real_tensor = torch.tensor
+
+    def counted(*a: Any, **k: Any) -> torch.Tensor:
+        made[0] += 1
+        return real_tensor(*a, **k)
+
+    real_step = engine._step
+
+    def step() -> None:
+        before, n0 = len(engine.rows), made[0]
+        real_step()
+        if 0 < len(engine.rows) < before:
+            uploads.append(made[0] - n0)
+
+    monkeypatch.setattr(torch, "tensor", counted)
+    monkeypatch.setattr(engine, "_step", step)
+    batched = run_together(engine, reqs)
+    for i, (toks, _) in enumerate(batched):
+        assert toks == solo[i], f"row {i} differs once others left"
+    assert len(uploads) >= 4
+    # Rebuilt from the host (build_phase) these leave steps upload 14-26 tensors; with
+    # the phase following the rows, 4-5 (kept-row indices, sampler and bias tables).
+    assert max(uploads) <= 6, uploads
+
+
+def test_overlapped_decode_with_twins_equals_solo(setup: tuple[Engine, ProcessorEnv, Any]) -> None:
+    """Overlap (EngineConfig.overlap) with control rows, twins (diagnostics) and an
+    ``after`` row (whose steps fall back to decode-after-emit): tokens and diagnostics
+    equal the plain engine's solo runs."""
+    engine, env, tok = setup
+    reqs = [req(tok, env, p, s, f"v{i}", diagnostics="steps", n=4 + i)
+            for i, (p, s) in enumerate(CASES[:5])]
+    reqs.append(req(tok, env, "Say", [{"type": "control", "vector": "b", "alpha": 1.0,
+                                        "positions": {"after": "e"}}], "after", n=9))
+    solo = [run_together(engine, [r])[0] for r in reqs]
+    fast = Engine(engine.model, tok, EngineConfig(overlap=True))
+    fast.start()
+    try:
+        batched = run_together(fast, reqs)
+    finally:
+        fast.stop()
+    for i, ((t_s, f_s), (t_b, f_b)) in enumerate(zip(solo, batched, strict=True)):
+        assert t_b == t_s, f"row {i} differs with overlap"
+        if f_s.diagnostics is None:  # the "after" row asks for none
+            continue
+        for k, v in f_s.diagnostics["per_step"].items():
+            assert f_b.diagnostics["per_step"][k] == pytest.approx(v, rel=1e-4, abs=1e-5), k

@@ -18,9 +18,8 @@ from server.engine import (
     FinishEvent,
     QueueFullError,
     TokenEvent,
-    run_to_completion,
 )
-from tests.conftest import make_request
+from tests.conftest import make_request, probe, run_to_completion
 
 PROMPTS = [
     "hello",
@@ -85,13 +84,14 @@ def test_shuffled_mixed_batch_equals_solo_runs(tiny_bundle, tiny_engine):
         for i, spec in enumerate(specs)
     ]
     solo = {r.request_id: run_to_completion(tiny_engine, r)[0] for r in reqs}
+    seen = probe(tiny_engine)
     for trial in range(2):
         order = reqs[:]
         random.Random(trial).shuffle(order)
         batched = run_concurrently(tiny_engine, order, stagger=0.0 if trial == 0 else 0.01)
         for r in reqs:
             assert batched[r.request_id][0] == solo[r.request_id], r.request_id
-    assert tiny_engine.peak_batch >= 3
+    assert seen.peak_batch >= 3
 
 
 def test_rows_joining_mid_decode_keep_their_outputs(tiny_bundle):
@@ -111,13 +111,14 @@ def test_rows_joining_mid_decode_keep_their_outputs(tiny_bundle):
 def test_batch_size_limit_queues_the_rest(tiny_bundle):
     tok = tiny_bundle.tokenizer
     engine = Engine(tiny_bundle.model, tok, EngineConfig(max_batch_size=2, max_queue=16))
+    seen = probe(engine)
     engine.start()
     try:
         reqs = [make_request(tok, "hi", rid=f"q{i}", max_tokens=8, temperature=0, ignore_eos=True)
                 for i in range(5)]
         out = run_concurrently(engine, reqs)
         assert len({tuple(v[0]) for v in out.values()}) == 1
-        assert engine.peak_batch == 2
+        assert seen.peak_batch == 2
     finally:
         engine.stop()
 
@@ -218,3 +219,63 @@ def test_diagnostics_are_scalars_per_step(tiny_bundle, tiny_engine):
         tok, "hello", max_tokens=3, temperature=0, diagnostics="summary"))
     assert fin.diagnostics["js_max"] < 1e-6 and fin.diagnostics["argmax_flip_rate"] == 0.0
     assert fin.diagnostics["kl_base_steered_max"] < 1e-6
+
+
+def test_overlapped_decode_equals_plain_and_never_emits_an_extra_token(tiny_bundle, tiny_engine):
+    """With the next decode launched before emit (EngineConfig.overlap, issue 20.6) the
+    rows of a mixed batch — stop strings, stop ids, forced EOS, max_tokens, penalties,
+    sampling — give exactly their solo outputs from the plain engine, and nothing
+    arrives after a FinishEvent (a finished row's extra forward is dropped)."""
+    tok, model = tiny_bundle.tokenizer, tiny_bundle.model
+    env = ProcessorEnv(vocab_size=tiny_bundle.vocab_size)
+    prompt = "the quick brown fox"
+    _, text, _ = run_to_completion(tiny_engine, make_request(
+        tok, prompt, max_tokens=20, temperature=0, ignore_eos=True))
+    greedy = run_to_completion(tiny_engine, make_request(
+        tok, prompt, max_tokens=20, temperature=0, ignore_eos=True))[0]
+    specs = [
+        dict(temperature=0, ignore_eos=True, max_tokens=20, stop=(text[3:5],)),
+        dict(temperature=0, max_tokens=20, stop_token_ids=(greedy[4],)),
+        dict(temperature=0, max_tokens=9, steering=bias(env, tok.eos_token_id, 100.0)),
+        dict(temperature=0.9, seed=3, top_k=20, ignore_eos=True, max_tokens=7),
+        dict(temperature=0, ignore_eos=True, max_tokens=12, repetition_penalty=1.4,
+             steering=bias(env, 70, 3.0)),
+        dict(temperature=1.1, seed=4, top_p=0.8, ignore_eos=True, max_tokens=3),
+    ]
+    reqs = [make_request(tok, prompt if i < 3 else PROMPTS[i], rid=f"o{i}", **spec)
+            for i, spec in enumerate(specs)]
+    solo = {r.request_id: run_to_completion(tiny_engine, r) for r in reqs}
+    threads: set[str] = set()
+    handle = model.register_forward_pre_hook(
+        lambda *_: threads.add(threading.current_thread().name))
+    engine = Engine(model, tok, EngineConfig(max_batch_size=8, overlap=True))
+    engine.start()
+    try:
+        queues = [queue.Queue() for _ in reqs]
+        engine.submit_many([(r, q.put) for r, q in zip(reqs, queues, strict=True)])
+        for r, q in zip(reqs, queues, strict=True):
+            tokens, texts = [], []
+            while not isinstance(ev := q.get(timeout=60), FinishEvent):
+                tokens.extend(ev.token_ids)
+                texts.append(ev.text)
+            texts.append(ev.text)
+            want_tokens, want_text, want_fin = solo[r.request_id]
+            assert (tokens, "".join(texts)) == (want_tokens, want_text), r.request_id
+            assert ev.finish_reason == want_fin.finish_reason
+            assert ev.completion_tokens == len(tokens)
+        time.sleep(0.2)
+        assert all(q.empty() for q in queues)  # nothing after the FinishEvent
+        # A cancelled row ends with "abort", its token count matching what was sent.
+        q = queue.Queue()
+        h = engine.submit(make_request(tok, "a", max_tokens=500, temperature=0,
+                                       ignore_eos=True), q.put)
+        got = [q.get(timeout=10)]
+        h.cancel()
+        while not isinstance(got[-1], FinishEvent):
+            got.append(q.get(timeout=10))
+        assert got[-1].finish_reason == "abort"
+        assert got[-1].completion_tokens == sum(len(e.token_ids) for e in got[:-1])
+    finally:
+        engine.stop()
+        handle.remove()
+    assert "steer-forward_0" in threads  # the decodes really ran beside the host work

@@ -29,14 +29,6 @@ from server.engine.padding import attention_mask_4d, left_pad
 from server.engine.runner import ModelRunner
 from tests.conftest import collect_events, make_request
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture(params=DEVICES)
-def device(request: pytest.FixtureRequest) -> torch.device:
-    """Every device present (CPU always; CUDA when available)."""
-    return torch.device(request.param)
-
 
 # ------------------------------------------------------------------ 20.1: the mask
 def test_mask_matches_brute_force_and_no_row_is_fully_masked(device: torch.device) -> None:
@@ -201,21 +193,43 @@ _SYNC_METHODS = ("tolist", "item", "__bool__", "__int__", "__float__", "numpy", 
                  "__index__")
 
 
-def test_host_syncs_per_step(tiny_bundle: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Counts the Tensor methods that copy to the host, on the engine thread, per step."""
+_UPLOADS = ("tensor", "as_tensor", "from_numpy")  # host data becoming a tensor
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_host_syncs_per_step(
+    tiny_bundle: Any, monkeypatch: pytest.MonkeyPatch, overlap: bool
+) -> None:
+    """Counts the Tensor methods that copy to the host, on the engine thread and the
+    forward's helper thread (overlap), per step; and the host→device uploads of a step
+    where rows only leave (their per-row state follows the rows on the device)."""
     tok = tiny_bundle.tokenizer
-    engine = Engine(tiny_bundle.model, tok, EngineConfig(max_batch_size=8))
+    engine = Engine(tiny_bundle.model, tok, EngineConfig(max_batch_size=8, overlap=overlap))
     counts: Counter[str] = Counter()
+    uploads: Counter[str] = Counter()
+
+    def ours() -> bool:
+        return threading.current_thread().name.startswith(("steer-engine", "steer-forward"))
+
     for name in _SYNC_METHODS:
         orig = getattr(torch.Tensor, name)
 
         def wrapped(self: torch.Tensor, *a: Any, _orig: Any = orig, _n: str = name,
                     **k: Any) -> Any:
-            if threading.current_thread().name == "steer-engine":
+            if ours():
                 counts[_n] += 1
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, wrapped)
+    for name in _UPLOADS:
+        make = getattr(torch, name)
+
+        def made(*a: Any, _make: Any = make, _n: str = name, **k: Any) -> Any:
+            if ours():
+                uploads[_n] += 1
+            return _make(*a, **k)
+
+        monkeypatch.setattr(torch, name, made)
     per_step: list[tuple[int, int, int, bool]] = []  # (rows before, rows after, syncs, join)
     real_step, real_prefill = engine._step, engine._prefill
     joined = {"flag": False}
@@ -224,10 +238,14 @@ def test_host_syncs_per_step(tiny_bundle: Any, monkeypatch: pytest.MonkeyPatch) 
         joined["flag"] = True
         real_prefill(new)
 
+    leave_uploads: list[int] = []
+
     def step() -> None:
-        before, n0 = len(engine.rows), sum(counts.values())
+        before, n0, u0 = len(engine.rows), sum(counts.values()), sum(uploads.values())
         real_step()
         per_step.append((before, len(engine.rows), sum(counts.values()) - n0, joined["flag"]))
+        if 0 < len(engine.rows) < before and not joined["flag"]:
+            leave_uploads.append(sum(uploads.values()) - u0)
         joined["flag"] = False
 
     engine._step, engine._prefill = step, prefill  # type: ignore[method-assign]
@@ -253,6 +271,11 @@ def test_host_syncs_per_step(tiny_bundle: Any, monkeypatch: pytest.MonkeyPatch) 
     assert steady and changing
     assert max(steady) == 1, per_step
     assert max(changing) <= 3, per_step
+    # Rows leaving (11 uploads before issue 20.5's rework): the kept rows' index (batch
+    # and tokens), the sampler's parameter table (one, was 6-8 columns), its EOS-block
+    # rows, logit_bias's table (one, was 3); no repetition-presence rebuild from every
+    # row's whole history (the rows follow on the device).
+    assert leave_uploads and max(leave_uploads) <= 5, leave_uploads
 
 
 # ------------------------------------------------------------ 20.8: admission

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from server.engine import Engine, EngineConfig, QueueFullError, run_to_completion
+from server.engine import Engine, EngineConfig, QueueFullError
 from server.engine.extract import ExtractionJob, JobCancelled
 from server.loading import ModelBundle, load_model
-from tests.conftest import collect_events, make_request
+from tests.conftest import collect_events, make_request, run_to_completion
 
 TEXTS = ["hello there", "a much longer prompt, to force left padding in its chunk", "xy",
          "the quick brown fox", "0123456789", "ünïcödé ✓ ok"]

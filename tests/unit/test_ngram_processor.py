@@ -220,3 +220,30 @@ def test_stack_prefixes_the_param_path() -> None:
     with pytest.raises(ParamError) as err:
         parse_stack([{"type": "ngram", "prior": "nope"}], ENV, max_len=4)
     assert (err.value.param, err.value.status) == ("steering.0.prior", 404)
+
+
+def test_tables_are_uploaded_once_per_prior(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch whose set of priors changes stacks the tables on the device: each prior's
+    host arrays become tensors once (counted at ``torch.from_numpy``), and the stacked
+    lookup still equals the host oracle for every row."""
+    a = NgramPrior.build("a", DOCS[5:25], VP, tokenizer_fingerprint=FP)
+    b = NgramPrior.build("b", DOCS[10:], VP, estimator="kneser_ney", tokenizer_fingerprint=FP)
+    env = ProcessorEnv(vocab_size=V, tokenizer_fingerprint=FP, priors={"a": a, "b": b})
+    made: list[int] = []
+    real = torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda x: made.append(1) or real(x))
+    sa = NgramProcessor.validate({"prior": "a", "lambda": 1.0}, env)
+    sb = NgramProcessor.validate({"prior": "b", "lambda": 1.0}, env)
+    last = torch.tensor([[3, 5], [2, 9]])
+    counts = []
+    for specs in ([sa, None], [sa, sb], [None, sb], [sb, sa]):
+        n0 = len(made)
+        out, _ = run(specs, torch.zeros(2, V), last)
+        counts.append(len(made) - n0)
+        for row, s in enumerate(specs):
+            if s is not None:
+                want = host_logp(s.prior, last[row].tolist())
+                torch.testing.assert_close(out[row, :VP], want, rtol=0, atol=1e-5)
+    per_prior = counts[0]
+    assert per_prior > 0
+    assert counts == [per_prior, per_prior, 0, 0]  # b once; then nothing new

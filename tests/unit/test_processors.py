@@ -20,14 +20,14 @@ def ctx_for(logits: torch.Tensor) -> StepContext:
     return StepContext(base_logits=logits, last_tokens=torch.full((logits.shape[0], 2), -1))
 
 
-def test_logit_bias_adds_only_to_its_rows():
-    p = LogitBias(CPU, 8)
+def test_logit_bias_adds_only_to_its_rows(device):
+    p = LogitBias(device, 8)
     s0 = LogitBias.validate({"bias": {"1": 2.5, "7": -100}}, ENV)
     s2 = LogitBias.validate({"bias": {"0": 1}}, ENV)
     p.update_state([s0, None, s2])
     assert p.active
     base = torch.randn(3, 8)
-    out = p.apply(ctx_for(base), base)
+    out = p.apply(ctx_for(base.to(device)), base.to(device)).cpu()
     expected = base.clone()
     expected[0, 1] += 2.5
     expected[0, 7] -= 100
@@ -71,7 +71,7 @@ def test_parse_stack_errors_are_prefixed():
     assert err.value.param == "steering"
 
 
-def test_stack_runs_each_rows_entries_in_order_by_stage():
+def test_stack_runs_each_rows_entries_in_order_by_stage(device):
     # Row 0: two bias entries (stage 0 and 1); row 1: one; row 2: none.
     rows = [
         parse_stack([{"type": "logit_bias", "bias": {"1": 1}},
@@ -79,16 +79,55 @@ def test_stack_runs_each_rows_entries_in_order_by_stage():
         parse_stack([{"type": "logit_bias", "bias": {"2": -3}}], ENV, max_len=4),
         (),
     ]
-    stack = ProcessorStack(CPU, 8)
+    stack = ProcessorStack(device, 8)
     stack.update_state(rows)
     assert len(stack.stages) == 2 and stack.active
     base = torch.zeros(3, 8)
-    out = stack.apply(ctx_for(base), base)
+    out = stack.apply(ctx_for(base.to(device)), base.to(device)).cpu()
     assert out[0, 1] == 3 and out[0, 3] == 4
     assert out[1, 2] == -3 and out[1].abs().sum() == 3
     assert torch.equal(out[2], base[2])
     stack.update_state([(), ()])
     assert not stack.active
+
+
+def test_in_place_stages_copy_once_and_never_touch_the_input(device):
+    """logit_bias and margin write into one copy the stack owns; the input (which is
+    also ctx.base_logits) stays as it was, and the result equals chaining each
+    processor's out-of-place ``apply`` (the contract's reference)."""
+    rows = [
+        parse_stack([{"type": "logit_bias", "bias": {"1": 4}},
+                     {"type": "logit_bias", "bias": {"2": 1, "5": 9}},
+                     {"type": "margin", "tau": 0.2}], ENV, max_len=4),
+        parse_stack([{"type": "logit_bias", "bias": {"3": -2}}], ENV, max_len=4),
+    ]
+    stack = ProcessorStack(device, 8)
+    stack.update_state(rows)
+    torch.manual_seed(0)
+    base = torch.randn(2, 8, device=device)
+    base[0, 0] = 6.0  # margin's row is confident in token 0
+    keep = base.clone()
+    ctx = ctx_for(base)
+    clones: list[int] = []
+    real_clone = torch.Tensor.clone
+
+    def clone(t, *a, **k):
+        clones.append(1)
+        return real_clone(t, *a, **k)
+
+    torch.Tensor.clone = clone  # type: ignore[method-assign]
+    try:
+        out = stack.apply(ctx, base)
+    finally:
+        torch.Tensor.clone = real_clone  # type: ignore[method-assign]
+    assert torch.equal(base, keep)  # input and base untouched
+    assert len(clones) == 1  # one (B, V) copy for three in-place stages
+    want = base
+    for stage in stack.stages:
+        for proc in stage:
+            want = proc.apply(ctx_for(base), want)
+    assert torch.equal(out, want)
+    assert out[0, 0] > out[0, 5]  # margin acted on top of the biases
 
 
 def test_get_number_ranges():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from server.engine.sampler import Sampler, SamplerRow, make_generator
@@ -10,10 +11,31 @@ from server.engine.types import SamplingParams
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def _each_device(device: torch.device) -> None:
+    """Every sampler test runs on each device present: ``sampler_for`` builds the
+    sampler there and :class:`_OnDevice` moves the test's inputs to it."""
+    _DEV[0] = device
+
+
+_DEV = [CPU]
+
+
+class _OnDevice(Sampler):
+    """The sampler under test, on the test's device; inputs move there, tokens come
+    back to the CPU (the oracles are host-side)."""
+
+    def sample(self, logits, seen, bans=None):  # type: ignore[override]
+        d = self.device
+        bans = None if bans is None else (bans[0].to(d), bans[1].to(d))
+        return super().sample(logits.to(d), None if seen is None else seen.to(d), bans).cpu()
+
+
 def sampler_for(*params: SamplingParams, eos: tuple[int, ...] = (0,)) -> Sampler:
-    s = Sampler(CPU, 8, eos)
+    dev = _DEV[0]
+    s = _OnDevice(dev, 8, eos)
     s.update_state(
-        [SamplerRow(p, None if p.greedy else make_generator(p.seed or 0, CPU), 0) for p in params]
+        [SamplerRow(p, None if p.greedy else make_generator(p.seed or 0, dev), 0) for p in params]
     )
     return s
 
@@ -47,7 +69,7 @@ def test_sampling_frequencies_follow_softmax():
     s = sampler_for(SamplingParams(temperature=1.0, seed=11))
     counts = torch.zeros(8)
     for _ in range(3000):
-        counts[s.sample(logits, None)] += 1
+        counts[s.sample(logits, None).item()] += 1
     freq = counts / counts.sum()
     assert abs(freq[0] - 0.5) < 0.04 and abs(freq[1] - 0.3) < 0.04 and abs(freq[2] - 0.2) < 0.04
 
@@ -86,7 +108,7 @@ def test_tiny_temperature_is_greedy():
     # Just above the epsilon it still samples (but only ever the argmax at this gap).
     s = sampler_for(SamplingParams(temperature=2e-6, seed=3))
     assert s.sample(logits, None).tolist() == [1]
-    assert not s.greedy.any()
+    assert not s.greedy.any().item()
 
 
 def _penalized(logits, outputs, presence, frequency):
@@ -119,7 +141,7 @@ def test_penalty_counts_survive_batch_composition_changes():
     torch.manual_seed(1)
     p_pen = SamplingParams(temperature=0, frequency_penalty=1.0)
     rows = [SamplerRow(SamplingParams(temperature=0), None, 0), SamplerRow(p_pen, None, 0)]
-    s = Sampler(CPU, 8, (0,))
+    s = _OnDevice(_DEV[0], 8, (0,))
     s.update_state(rows)
     history: list[int] = []
     for step in range(8):
