@@ -13,6 +13,7 @@ T greedy tokens, and 16 concurrent requests with 16 different n-gram stacks; rou
 interleave fp32 / auto; medians.
 
     python benchmarks/fastpath.py [--prompts 20] [--tokens 64] [--rounds 3] [--quick]
+    python benchmarks/fastpath.py --batch-sweep 16,32,64 [--tokens 32]   # issue 13 item 3
 """
 
 from __future__ import annotations
@@ -148,6 +149,92 @@ def speed(tokens: int, rounds: int) -> dict[str, float]:
     return {k: median(v) for k, v in tps.items()}
 
 
+def _rss_mb() -> tuple[float, float]:
+    """This process's resident set and its peak (MiB), from /proc."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text()
+                  .splitlines() if ":" in line)
+    return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
+
+
+def _sweep_one(bundle: ModelBundle, b: int, tokens: int) -> dict[str, float]:
+    """One ``max_batch_size = b`` point of :func:`batch_sweep`."""
+    import threading
+    import time
+
+    from server.engine.scheduler import Engine, EngineConfig
+    from server.engine.types import FinishEvent, GenerationRequest, SamplingParams
+
+    engine = Engine(bundle.model, bundle.tokenizer,
+                    EngineConfig(max_batch_size=b, max_queue=max(64, b)))
+    steps: list[float] = []
+    hosts: list[float] = []
+    step, emit = engine._step, engine._emit_all
+
+    def timed_step() -> None:
+        t = time.perf_counter()
+        step()
+        steps.append(time.perf_counter() - t)
+
+    def timed_emit(*a: Any) -> list[int]:
+        t = time.perf_counter()
+        r = emit(*a)
+        hosts.append(time.perf_counter() - t)
+        return r
+
+    engine._step, engine._emit_all = timed_step, timed_emit  # type: ignore[method-assign]
+    done = threading.Semaphore(0)
+    lengths: list[int] = []
+
+    def sink(ev: Any) -> None:
+        if isinstance(ev, FinishEvent):
+            lengths.append(ev.prompt_tokens + ev.completion_tokens)
+            done.release()
+
+    reqs = [GenerationRequest(request_id=f"sweep-{b}-{i}",
+                              prompt_ids=tuple(prompt_ids(bundle, PROMPTS[i % 20])),
+                              sampling=SamplingParams(max_tokens=tokens, temperature=0,
+                                                      ignore_eos=True))
+            for i in range(b)]
+    engine.start()
+    t0 = time.perf_counter()
+    engine.submit_many([(r, sink) for r in reqs])
+    for _ in reqs:
+        done.acquire()
+    wall = time.perf_counter() - t0
+    engine.stop()
+    cfg = bundle.model.config
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    act_bytes = bundle.model.get_input_embeddings().weight.element_size()
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * act_bytes
+    rss, peak = _rss_mb()
+    # Steady decode steps: skip the first two (prefill, first batch rebuild).
+    return {"batch": b, "tok_s": b * tokens / wall,
+            "step_ms": median(steps[2:] or steps) * 1e3,
+            "host_ms": median(hosts[2:] or hosts) * 1e3, "rss_mb": rss, "peak_mb": peak,
+            "kv_mb": sum(lengths) * kv_per_token / 2**20,
+            "kv_mb_per_row_ctx": kv_per_token * bundle.context_length / 2**20}
+
+
+def batch_sweep(sizes: list[int], tokens: int) -> list[dict[str, float]]:
+    """``max_batch_size`` = B with B concurrent greedy requests on the ``auto`` weights,
+    in-process on the engine: aggregate tok/s, median decode-step time, the host part of
+    a step (``Engine._emit_all``: detokenization, events, stop checks; timed by wrapping
+    the method, the engine itself is unchanged), process RSS, and the KV cache's size
+    (``2 · layers · kv_heads · head_dim · bytes`` per token, at the rows' final length)."""
+    bundle = load_model(EMBEDDED, Settings().data_dir, weights="auto")
+    out: list[dict[str, float]] = []
+    for b in sizes:
+        row = _sweep_one(bundle, b, tokens)
+        row["host_us_per_row"] = row["host_ms"] * 1e3 / b
+        print(f"max_batch_size {b}: {row['tok_s']:.1f} tok/s, step {row['step_ms']:.1f} ms, "
+              f"host {row['host_ms']:.2f} ms ({row['host_us_per_row']:.0f} us/row), RSS "
+              f"{row['rss_mb']:.0f} MiB (peak {row['peak_mb']:.0f}), KV {row['kv_mb']:.1f} "
+              f"MiB ({row['kv_mb_per_row_ctx']:.0f} MiB per row at the full "
+              f"{bundle.context_length}-token context)", flush=True)
+        out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=20)
@@ -156,7 +243,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 prompts × 16 tokens, 1 round")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--batch-sweep", default="",
+                    help="comma-separated max_batch_size values (e.g. 16,32,64): engine "
+                         "throughput, step and host time, memory; runs only this")
     args = ap.parse_args()
+    if args.batch_sweep:
+        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        print(f"machine: {machine()}")
+        batch_sweep([int(x) for x in args.batch_sweep.split(",")], args.tokens)
+        return
     if args.quick:
         args.prompts, args.tokens, args.rounds = 4, 16, 1
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -126,6 +126,21 @@ def resolve_weights(spec: str, dtype: str, device: torch.device, gguf: Path | No
     return choice
 
 
+def resolve_head(spec: str, device: torch.device) -> str:
+    """The output head of a low-precision model: ``int8`` on the CPU when
+    ``torch._int_mm`` works there (a quarter of the float32 head's bytes, float32
+    logits), else ``float32``; an explicit ``int8``/``float32`` is taken as it is."""
+    from server import quant
+
+    if spec == "auto":
+        return "int8" if device.type == "cpu" and quant.int8_head_available() else "float32"
+    if spec not in quant.HEADS:
+        raise ModelSourceError(
+            f"head must be one of auto, {', '.join(quant.HEADS)}, got '{spec}'"
+        )
+    return spec
+
+
 def source_gguf(source: str) -> Path | None:
     """The GGUF file behind a source, if it is one (embedded or a .gguf path)."""
     if source.startswith("embedded:"):
@@ -259,13 +274,16 @@ def load_model(
     dtype: str = "auto",
     weights: str = "fp32",
     name: str | None = None,
+    head: str = "auto",
 ) -> ModelBundle:
     """Resolve ``source`` and load model + tokenizer onto the device, offline.
 
     ``weights`` (see :func:`resolve_weights`): ``fp32`` is the exact reference (the
     default here, so library callers and tests stay exact; the server's setting defaults
     to ``auto``); ``bf16`` and ``int4`` are the fast paths of ``server.quant``, both with
-    a float32 output head so the last position's logits are float32.
+    float32 logits from their output head: ``head`` ``int8`` (``quant.Int8Head``, integer
+    matmuls; what ``auto`` picks on the CPU) or ``float32`` (``quant.Float32Head``, what
+    ``auto`` picks elsewhere). ``fp32`` weights ignore ``head``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -305,10 +323,11 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch_dtype, local_files_only=True, attn_implementation="sdpa"
         )
+    head_kind = resolve_head(head, dev)
     if fmt == "int4":
-        quant.to_int4(model, gguf, cache_dir=cache_dir)
+        quant.to_int4(model, gguf, cache_dir=cache_dir, head=head_kind)
     elif fmt == "bf16":
-        quant.to_bf16(model)
+        quant.to_bf16(model, head=head_kind)
     model = _moved(model, device=dev)
     model.eval()
     model.requires_grad_(False)

@@ -1,11 +1,14 @@
 """Low-precision weights for the CPU fast path: 4-bit group-32 linears, bf16 elsewhere.
 
-``weights = int4`` swaps every ``nn.Linear`` of a causal LM (and its ``lm_head``, tied to
-the embedding or not) for an :class:`Int4Linear` that runs on
-``torch.ops.aten._weight_int4pack_mm_for_cpu``: bf16 activations ``x (M, K)``, 4-bit codes
-packed two per byte ``(N, K/2)``, and per group of 32 input features a bf16 scale and zero
-``scales_and_zeros (K/32, N, 2)``; the kernel's weight is ``(q - 8) * scale + zero``.
-The rest of the model (embedding, norms, attention arithmetic) runs in bf16.
+``weights = int4`` swaps every ``nn.Linear`` of a causal LM but the output head for an
+:class:`Int4Linear` that runs on ``torch.ops.aten._weight_int4pack_mm_for_cpu``: bf16
+activations ``x (M, K)``, 4-bit codes packed two per byte ``(N, K/2)``, and per group of
+32 input features a bf16 scale and zero ``scales_and_zeros (K/32, N, 2)``; the kernel's
+weight is ``(q - 8) * scale + zero``. Projections that read the same input (q/k/v,
+gate/up) share one kernel (:class:`Int4Fused`); from ``DENSE_ROWS`` input rows a bf16
+copy of the kernel's weight runs instead. The output head gives float32 logits
+(:class:`Int8Head` on integer matmuls, or :class:`Float32Head`). The rest of the model
+(embedding, norms as :class:`LeanRMSNorm`, attention arithmetic) runs in bf16.
 
 Where the codes come from:
 
@@ -77,14 +80,15 @@ class Int4Linear(nn.Module):
     """``y = x Wᵀ (+ b)`` with ``W (N, K)`` held as 4-bit group-32 codes.
 
     Buffers: ``packed (N, K/2) uint8`` (the kernel's layout), ``scales_and_zeros
-    (K/32, N, 2) bf16``. ``forward`` takes ``x (..., K)`` of any float dtype and returns
-    ``(..., N)`` in bf16 (or float32 when ``out_float32``: the kernel still accumulates in
-    float32 and rounds to bf16; the flag only saves the caller's upcast).
+    (K/32, N, 2) bf16``, and with :meth:`keep_dense` a bf16 copy ``dense (N, K)`` of the
+    kernel's weight for many-row inputs. ``forward`` takes ``x (..., K)`` of any float
+    dtype and returns ``(..., N)`` in bf16 (the kernel accumulates in float32).
     """
 
     packed: torch.Tensor
     scales_and_zeros: torch.Tensor
     bias: torch.Tensor | None
+    dense: torch.Tensor | None
 
     def __init__(
         self,
@@ -106,6 +110,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scales_and_zeros", sz)  # (K/32, N, 2)
         self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+        self.register_buffer("dense", None, persistent=False)  # see keep_dense
+        self.dense_rows = 0
 
     @classmethod
     def from_packed(
@@ -119,14 +125,31 @@ class Int4Linear(nn.Module):
         self.register_buffer("packed", packed.contiguous())
         self.register_buffer("scales_and_zeros", scales_and_zeros.contiguous())
         self.register_buffer("bias", None if bias is None else bias.to(torch.bfloat16))
+        self.register_buffer("dense", None, persistent=False)  # see keep_dense
+        self.dense_rows = 0
         return self
+
+    def keep_dense(self, rows: int | None) -> None:
+        """From ``rows`` input rows on (a decode step's batch size, or prefill's tokens),
+        multiply by a bf16 copy ``dense (N, K)`` of the kernel's own weight instead: the
+        int4 kernel's cost grows about linearly with the rows while a dense bf16 GEMM
+        amortizes its weight read (measured crossover 24-32 rows for SmolLM2 here,
+        ``DENSE_ROWS``). ``None`` drops the copy (int4 at every size)."""
+        if rows is None:
+            self.dense, self.dense_rows = None, 0
+            return
+        self.dense = self.dequantized().to(torch.bfloat16).contiguous()
+        self.dense_rows = int(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2, self.packed, GROUP, self.scales_and_zeros
-        )
+        if self.dense is not None and x2.shape[0] >= self.dense_rows:
+            y = F.linear(x2, self.dense)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, self.packed, GROUP, self.scales_and_zeros
+            )
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -144,6 +167,90 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group={GROUP}"
 
 
+def _version_of(x: torch.Tensor) -> int:
+    """``x``'s in-place version counter; inference-mode tensors have none (-2): there the
+    identity check alone applies (nothing between a module's sibling projections writes
+    into their shared input)."""
+    return -2 if x.is_inference() else int(x._version)
+
+
+class Int4Fused(nn.Module):
+    """Several :class:`Int4Linear` that read the same input, as one kernel call.
+
+    A Llama block multiplies its normed hidden state by ``q, k, v`` and later by
+    ``gate, up``: five small int4 matmuls whose launches and per-call overhead dominate
+    at batch 1 (7 kernel calls a layer → 4). ``linear`` holds the members' rows stacked
+    ``(N_1 + … + N_n, K)``; the members are replaced by :class:`Int4Slice` modules, so the
+    model's own forward (which calls ``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)`` in turn)
+    is unchanged: the first slice called computes the stacked product ``(…, ΣN)`` and
+    keeps it with the input it was computed for; the other slices return their columns
+    of it when called with that very tensor (same object, unmodified since: its version
+    counter is checked where autograd keeps one, i.e. outside inference mode), and
+    the kept product is dropped once every slice has read it.
+    Any other call recomputes, so the result never depends on call order.
+    """
+
+    def __init__(self, linear: Int4Linear, sizes: list[int]) -> None:
+        super().__init__()
+        if sum(sizes) != linear.out_features:
+            raise ValueError(f"sizes {sizes} do not add up to {linear.out_features} rows")
+        self.linear = linear
+        self.sizes = list(sizes)
+        self._x: torch.Tensor | None = None
+        self._version = -1
+        self._parts: list[torch.Tensor] = []
+        self._unread: set[int] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (..., K)`` → all members' outputs side by side ``(..., ΣN)`` bf16."""
+        return self.linear(x)
+
+    def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Member ``i``'s output ``(..., N_i)`` for ``x (..., K)`` (a column view)."""
+        version = _version_of(x)
+        if self._x is not x or self._version != version or i not in self._unread:
+            self._parts = list(self.linear(x).split(self.sizes, dim=-1))
+            self._x, self._version = x, version
+            self._unread = set(range(len(self.sizes)))
+        out = self._parts[i]
+        self._unread.discard(i)
+        if not self._unread:  # every member read it: free the product and the input
+            self._x, self._parts = None, []
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_x=None, _version=-1, _parts=[], _unread=set())
+        return state
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}"
+
+
+class Int4Slice(nn.Module):
+    """Member ``index`` of an :class:`Int4Fused`: behaves as that member's own linear
+    ``(..., K) → (..., N_i)``. The fused module is a plain reference, not a submodule
+    (its parent owns it), so its buffers are stored and counted once."""
+
+    def __init__(self, fused: Int4Fused, index: int) -> None:
+        super().__init__()
+        self._fused = [fused]  # a list: nn.Module would register a bare module attribute
+        self.index = index
+        self.in_features = fused.linear.in_features
+        self.out_features = fused.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fused[0].part(x, self.index)
+
+    def dequantized(self) -> torch.Tensor:
+        """This member's rows of the fused kernel weight ``(N_i, K)`` float32."""
+        start = sum(self._fused[0].sizes[: self.index])
+        return self._fused[0].linear.dequantized()[start : start + self.out_features]
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}, out_features={self.out_features}"
+
+
 class Float32Head(nn.Module):
     """The output projection computed in float32 for a low-precision model.
 
@@ -159,6 +266,85 @@ class Float32Head(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h.float(), self.weight)
+
+
+_ACT_HI = 128  # an activation code is ``hi·128 + lo`` with hi, lo int8
+_ACT_MAX = 127 * _ACT_HI  # 14-bit activation codes: |code| ≤ 16256
+
+
+class Int8Head(nn.Module):
+    """The output projection with int8 weights and float32 logits, on integer matmuls.
+
+    The head ``W (V, D)`` is 40 % of a CPU int4 step when read as float32 (113 MB for
+    SmolLM2's 49152 × 576); as int8 it is a quarter of that. Weights: per output row
+    ``W[v] ≈ scale[v]·q[v]``, ``q ∈ [-127, 127]`` (stored transposed, ``weight_t (D, V)
+    int8``, the layout ``torch._int_mm`` reads fastest). Activations ``h (..., D)`` are
+    quantized per row to 14-bit codes ``c = round(h / s)``, ``s = max|h| / 16256``, and
+    split exactly into two int8 halves ``c = 128·hi + lo``; one ``torch._int_mm`` of the
+    stacked ``(2M, D)`` halves against ``weight_t`` gives int32 dot products that are
+    exact, combined in float32: ``logit = s·scale[v]·(128·(hi·q) + lo·q)``. So the logits
+    are float32 with float32-or-better accumulation (no bf16 output rounding), and the
+    only approximations are the weight's int8 step (``scale/2`` per weight) and the
+    activation's 14-bit step. Measured against the float32 head in docs/fastpath.md.
+    """
+
+    weight_t: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        """``weight (V, D)`` float."""
+        super().__init__()
+        w = weight.detach().float()
+        scale = (w.abs().amax(1) / 127).clamp(min=1e-12)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.in_features, self.out_features = int(w.shape[1]), int(w.shape[0])
+        self.register_buffer("weight_t", q.t().contiguous())  # (D, V)
+        self.register_buffer("scale", scale.contiguous())  # (V,)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``h (..., D)`` any float dtype → logits ``(..., V)`` float32."""
+        shape = h.shape
+        x = h.reshape(-1, self.in_features).float()
+        m = x.shape[0]
+        s = (x.abs().amax(-1, keepdim=True) / _ACT_MAX).clamp(min=1e-30)  # (M, 1)
+        code = torch.round(x / s).to(torch.int32)  # (M, D), |code| ≤ 16256
+        hi = torch.div(code + _ACT_HI // 2, _ACT_HI, rounding_mode="floor")  # [-127, 127]
+        lo = code - hi * _ACT_HI  # [-64, 63]
+        acc = torch._int_mm(torch.cat([hi, lo]).to(torch.int8), self.weight_t)  # (2M, V)
+        # int32 sums are exact; the float32 combination rounds once (~2^-24 relative).
+        y = acc[:m].float().mul_(_ACT_HI).add_(acc[m:].float())
+        y.mul_(s).mul_(self.scale)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight ``(V, D)`` float32 this head multiplies by (before the activation's
+        14-bit rounding)."""
+        return self.weight_t.t().float() * self.scale[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def int8_head_available() -> bool:
+    """True when ``torch._int_mm`` runs on the CPU for the small M of a decode step."""
+    try:
+        a = torch.ones(2, 32, dtype=torch.int8)
+        return bool(torch._int_mm(a, torch.ones(32, 32, dtype=torch.int8))[0, 0] == 32)
+    except (RuntimeError, AttributeError):
+        return False
+
+
+HEADS = ("int8", "float32")
+
+
+def make_head(weight: torch.Tensor, head: str) -> nn.Module:
+    """The low-precision paths' output projection: :class:`Int8Head` (``"int8"``) or
+    :class:`Float32Head` (``"float32"``); both return float32 logits."""
+    if head == "int8":
+        return Int8Head(weight)
+    if head == "float32":
+        return Float32Head(weight)
+    raise ValueError(f"head must be one of {', '.join(HEADS)}, got '{head}'")
 
 
 def quantize_minmax(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -250,15 +436,59 @@ def read_gguf_q4(path: Path, config: Any) -> dict[str, tuple[np.ndarray, np.ndar
     return out
 
 
+# RMSNorm classes whose forward is ``weight · x / sqrt(mean(x²) + eps)`` (Gemma's uses
+# ``1 + weight``: not listed, left as it is).
+_PLAIN_RMSNORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "Qwen3RMSNorm")
+
+
+class LeanRMSNorm(nn.Module):
+    """``weight · x / sqrt(mean(x²) + eps)`` over the last dim in one fused op.
+
+    transformers' ``LlamaRMSNorm`` runs ~7 eager ops per call (upcast, pow, mean, add,
+    rsqrt, mul, downcast, mul): 61 calls a step for SmolLM2, a visible share of a
+    bf16/int4 step's host time. ``F.rms_norm`` (``aten::_fused_rms_norm`` on the CPU)
+    does it in one, accumulating in float32 and rounding to the input dtype once (the
+    eager version rounds the normalized value to bf16 before the weight multiply, so
+    this is if anything closer to the exact result; tests/unit/test_quant.py).
+    ``x (..., D)`` → ``(..., D)`` in ``x``'s dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.rms_norm(x, (w.shape[-1],), w, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def _lean_norms(model: nn.Module) -> int:
+    """Swap plain RMSNorm modules for :class:`LeanRMSNorm` (low-precision paths only:
+    ``fp32`` keeps transformers' own modules, so it stays equal to ``generate``)."""
+    swaps = [(n, m) for n, m in model.named_modules() if type(m).__name__ in _PLAIN_RMSNORMS]
+    for name, mod in swaps:
+        eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
+        if eps is None or not isinstance(getattr(mod, "weight", None), torch.Tensor):
+            continue
+        _set_module(model, name, LeanRMSNorm(mod.weight, float(eps)))
+    return len(swaps)
+
+
 def _to_bf16_keep_rope(model: nn.Module) -> None:
-    """``model.to(bf16)`` but rotary ``inv_freq`` buffers stay float32: transformers
-    computes RoPE angles in float32 from them, and bf16 frequencies would shift every
-    position's angle (by up to 2⁻⁹ relative, i.e. radians at long context)."""
+    """``model.to(bf16)`` with plain RMSNorms as :class:`LeanRMSNorm`; rotary
+    ``inv_freq`` buffers stay float32: transformers computes RoPE angles in float32 from
+    them, and bf16 frequencies would shift every position's angle (by up to 2⁻⁹
+    relative, i.e. radians at long context)."""
     keep = {
         n: b.detach().clone() for n, b in model.named_buffers()
         if n.endswith("inv_freq") and b.is_floating_point()
     }
     model.to(torch.bfloat16)
+    _lean_norms(model)
     for name, buf in keep.items():
         parent_path, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
@@ -277,7 +507,22 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, leaf, module)
 
 
-PACK_FORMAT = 1  # bump when the cached layout changes
+# Rows (batch × new tokens) from which an int4 linear multiplies by its dense bf16 copy
+# instead (Int4Linear.keep_dense). Whole int4 model, decode step, one thread (CPU ms,
+# loaded machine, docs/fastpath.md): int4 kernels only vs dense from here on were 39 / 41
+# at 8 rows, 75 / 80 at 16, 104 / 101 at 24, 125 / 100 at 32, 269 / 208 at 64 (a kernel
+# micro-benchmark with cache-hot weights puts the crossover lower, 8-16: the dense copy
+# is 4x the bytes to stream from memory). Prefill chunks take the dense path too. Costs a
+# bf16 copy of the linears' weights (≈ 210 MB for SmolLM2-135M).
+DENSE_ROWS = 32
+
+PACK_FORMAT = 2  # bump when the cached layout changes (2: fused q/k/v and gate/up)
+
+# Members that read the same input, fused into one int4 kernel (name of the fused module).
+FUSED_GROUPS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
 
 
 def _pack_cache_name() -> str:
@@ -316,22 +561,62 @@ def _save_pack_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
             os.unlink(tmp)
 
 
+def _int4_units(
+    linears: dict[str, nn.Linear], counts: dict[str, int]
+) -> list[tuple[str, list[str]]]:
+    """The int4 kernels to build: ``(module path, member linear paths)``, one member for
+    a plain linear, several for a fused group (all present, same ``in_features``, biases
+    all or none). Linears whose ``in_features`` is not a multiple of 32 stay dense."""
+    units: list[tuple[str, list[str]]] = []
+    taken: set[str] = set()
+    for name, lin in linears.items():
+        if lin.in_features % GROUP:
+            counts["dense"] += 1
+            taken.add(name)
+    for name in linears:
+        parent, _, leaf = name.rpartition(".")
+        for fused_leaf, group in FUSED_GROUPS.items():
+            if leaf != group[0]:
+                continue
+            paths = [f"{parent}.{g}" if parent else g for g in group]
+            mods = [linears.get(p) for p in paths]
+            if any(m is None or p in taken for m, p in zip(mods, paths, strict=True)):
+                continue
+            real = [m for m in mods if m is not None]
+            if len({m.in_features for m in real}) != 1 or \
+                    len({m.bias is None for m in real}) != 1:
+                continue
+            units.append((f"{parent}.{fused_leaf}" if parent else fused_leaf, paths))
+            taken.update(paths)
+            counts["fused"] += 1
+    units += [(n, [n]) for n in linears if n not in taken]
+    return units
+
+
 def to_int4(
     model: nn.Module,
     gguf: Path | None = None,
     *,
     cache_dir: Path | None = None,
-    float32_head: bool = True,
+    head: str | None = "float32",
+    dense_rows: int | None = DENSE_ROWS,
 ) -> dict[str, int]:
     """Convert ``model`` (float32 weights, on the CPU) in place to the int4 fast path.
 
     Every ``nn.Linear`` whose ``in_features`` is a multiple of 32 becomes an
     :class:`Int4Linear` (codes from ``gguf``'s Q4 blocks where it has them, else min/max
-    from the float32 weight); the output head becomes a :class:`Float32Head` when
-    ``float32_head`` (float32 last-position logits, see there) and an int4 linear
-    otherwise; everything else is cast to bf16. With ``cache_dir`` the packed buffers are
-    kept there (reading a GGUF's blocks takes seconds; the cache loads in well under one).
-    Returns counts ``{"gguf": n, "minmax": n, "dense": n, "cached": 0|1}``.
+    from the float32 weight); the output head becomes :func:`make_head`'s ``head``
+    (``"int8"`` or ``"float32"``: float32 logits either way) or, with ``head=None``, an
+    int4 linear like the rest; everything else is cast to bf16. With ``cache_dir`` the
+    packed buffers are kept there (reading a GGUF's blocks takes seconds; the cache loads
+    in well under one).
+    With ``dense_rows`` each int4 kernel also keeps a bf16 copy of its weight for inputs
+    of at least that many rows (:meth:`Int4Linear.keep_dense`; ``None``: int4 always).
+    Linears of one module that read the same input (``FUSED_GROUPS``: q/k/v, gate/up)
+    become one :class:`Int4Fused` kernel with :class:`Int4Slice` members.
+    Returns counts ``{"gguf": n, "minmax": n, "dense": n, "fused": n, "cached": 0|1}``
+    (``gguf``/``minmax`` count linears as converted now, 0 when the cache was read;
+    ``fused`` counts fused groups).
     """
     t0 = time.monotonic()
     config = getattr(model, "config", None)
@@ -340,38 +625,55 @@ def to_int4(
     blocks: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     if cached is None and gguf is not None and config is not None:
         blocks = read_gguf_q4(gguf, config)
-    counts = {"gguf": 0, "minmax": 0, "dense": 0, "cached": int(cached is not None)}
-    head = _output_head(model)
-    head_weight = head.weight.detach().float().clone() if head is not None else None
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if float32_head:
-        linears = [(n, m) for n, m in linears if m is not head]
+    counts = {"gguf": 0, "minmax": 0, "dense": 0, "fused": 0,
+              "cached": int(cached is not None)}
+    lm = _output_head(model)
+    head_weight = lm.weight.detach().float().clone() if lm is not None else None
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if head is not None:
+        linears = {n: m for n, m in linears.items() if m is not lm}
+    units = _int4_units(linears, counts)
+    if cached is not None and any(f"{t}.packed" not in cached for t, _ in units):
+        log.warning("int4 cache %s does not match this model's layout: rebuilding", cache_path)
+        cached, counts["cached"] = None, 0
+    if cached is None and not blocks and gguf is not None and config is not None:
+        blocks = read_gguf_q4(gguf, config)
     fresh: dict[str, torch.Tensor] = {}
-    for name, lin in linears:
-        if lin.in_features % GROUP:
-            counts["dense"] += 1
-            continue
-        # A tied head's weight is the embedding's: quantize from the saved float32 copy.
-        weight = head_weight if lin is head and head_weight is not None else lin.weight.detach()
-        bias = lin.bias.detach() if lin.bias is not None else None
-        if cached is not None and f"{name}.packed" in cached:
-            new = Int4Linear.from_packed(cached[f"{name}.packed"], cached[f"{name}.sz"], bias)
+    for target, members in units:
+        mods = [linears[n] for n in members]
+        biases = [m.bias.detach() for m in mods if m.bias is not None]
+        bias = torch.cat(biases) if len(biases) == len(mods) else None
+        if cached is not None and f"{target}.packed" in cached:
+            new = Int4Linear.from_packed(cached[f"{target}.packed"], cached[f"{target}.sz"],
+                                         bias)
         else:
-            if name in blocks:
-                c, s, z = blocks[name]
-                codes, scale, zero = (torch.from_numpy(a) for a in (c, s, z))
-                counts["gguf"] += 1
-            else:
-                codes, scale, zero = quantize_minmax(weight)
-                counts["minmax"] += 1
+            parts = []
+            for name, lin in zip(members, mods, strict=True):
+                if name in blocks:
+                    c, s, z = blocks[name]
+                    parts.append(tuple(torch.from_numpy(a) for a in (c, s, z)))
+                    counts["gguf"] += 1
+                else:
+                    # A tied head's weight is the embedding's: quantize the float32 copy.
+                    w = head_weight if lin is lm and head_weight is not None else lin.weight
+                    parts.append(quantize_minmax(w.detach()))
+                    counts["minmax"] += 1
+            codes, scale, zero = (torch.cat([p[k] for p in parts]) for k in range(3))
             new = Int4Linear(codes, scale, zero, bias)
-            fresh[f"{name}.packed"], fresh[f"{name}.sz"] = new.packed, new.scales_and_zeros
-        _set_module(model, name, new)
+            fresh[f"{target}.packed"], fresh[f"{target}.sz"] = new.packed, new.scales_and_zeros
+        new.keep_dense(dense_rows)
+        if len(members) == 1:
+            _set_module(model, members[0], new)
+            continue
+        fused = Int4Fused(new, [m.out_features for m in mods])
+        _set_module(model, target, fused)
+        for i, name in enumerate(members):
+            _set_module(model, name, Int4Slice(fused, i))
     _to_bf16_keep_rope(model)  # embedding, norms, any dense leftovers
-    if float32_head and head is not None and head_weight is not None:
-        head_name = next(n for n, m in model.named_modules() if m is head)
-        _set_module(model, head_name, Float32Head(head_weight))
-    if head is not None and config is not None:
+    if head is not None and lm is not None and head_weight is not None:
+        head_name = next(n for n, m in model.named_modules() if m is lm)
+        _set_module(model, head_name, make_head(head_weight, head))
+    if lm is not None and config is not None:
         config.tie_word_embeddings = False  # the head no longer shares the embedding
     if cache_path is not None and cached is None and fresh:
         _save_pack_cache(cache_path, fresh)
@@ -379,15 +681,15 @@ def to_int4(
     return counts
 
 
-def to_bf16(model: nn.Module, *, float32_head: bool = True) -> None:
-    """Cast ``model`` to bf16 in place, keeping a float32 output head (see
-    :class:`Float32Head`) when ``float32_head``."""
-    head = _output_head(model)
-    head_weight = head.weight.detach().float().clone() if head is not None else None
+def to_bf16(model: nn.Module, *, head: str | None = "float32") -> None:
+    """Cast ``model`` to bf16 in place; the output head becomes :func:`make_head`'s
+    ``head`` (float32 logits), or with ``head=None`` stays a bf16 linear."""
+    lm = _output_head(model)
+    head_weight = lm.weight.detach().float().clone() if lm is not None else None
     _to_bf16_keep_rope(model)
-    if float32_head and head is not None and head_weight is not None:
-        name = next(n for n, m in model.named_modules() if m is head)
-        _set_module(model, name, Float32Head(head_weight.to(head.weight.device)))
+    if head is not None and lm is not None and head_weight is not None:
+        name = next(n for n, m in model.named_modules() if m is lm)
+        _set_module(model, name, make_head(head_weight.to(lm.weight.device), head))
         config = getattr(model, "config", None)
         if config is not None:
             config.tie_word_embeddings = False

@@ -63,7 +63,15 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # Engine and limits.
-    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_batch_size: int = Field(
+        32, ge=1, le=1024,
+        description="Rows decoding together. Sized from memory: a row's KV cache at the "
+        "model's full context is 2·layers·kv_heads·head_dim·bytes·context (embedded "
+        "SmolLM2 on the bf16/int4 fast path: 180 MiB), so 32 full-context rows plus the "
+        "model fit in 8 GiB of RAM; on 2 CPU cores aggregate tok/s grows little past 32 "
+        "while each step gets slower (docs/fastpath.md, benchmarks/fastpath.py "
+        "--batch-sweep). Lower it for fp32 weights (twice the KV bytes) or long contexts.",
+    )
     max_queue: int = Field(64, ge=0)
     max_prefill_tokens: int = Field(8192, ge=1)
     max_prompt_tokens: int | None = Field(

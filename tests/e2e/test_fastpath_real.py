@@ -46,18 +46,25 @@ def test_int4_codes_are_the_files_blocks(real_bundle: ModelBundle) -> None:
 @torch.inference_mode()
 def test_int4_teacher_forced_close_to_fp32(real_bundle: ModelBundle,
                                            int4_bundle: ModelBundle) -> None:
-    """int4 reads fp32's greedy continuation: top-1 agreement and KL within the issue's
-    targets (measured ≈ 0.96-0.97 and ≈ 0.001 nats on the benchmark's prompts)."""
+    """int4 (with the server's int8 head) reads fp32's greedy continuations: top-1
+    agreement and KL within the issue's targets, pooled over two prompts × 32 forced
+    steps (EOS ignored: the France answer alone ends after 8 tokens, where one near-tie
+    is 12 % of the steps). Measured ≈ 0.97 and ≈ 0.0017 nats on the benchmark's prompts."""
     assert int4_bundle.weights == "int4"
+    assert isinstance(int4_bundle.model.lm_head, quant.Int8Head | quant.Float32Head)
     tok = real_bundle.tokenizer
-    ids = list(tok.apply_chat_template(FRANCE, add_generation_prompt=True, tokenize=True,
-                                       return_dict=False))
-    x = torch.tensor([ids])
-    cont = real_bundle.model.generate(x, attention_mask=torch.ones_like(x),
-                                      max_new_tokens=24, do_sample=False)
-    a = real_bundle.model(input_ids=cont).logits[0, len(ids) - 1 : -1]
-    b = int4_bundle.model(input_ids=cont).logits[0, len(ids) - 1 : -1]
-    assert b.dtype == torch.float32
+    a_all, b_all = [], []
+    for msgs in (FRANCE, [{"role": "user", "content": "Describe a storm at sea."}]):
+        ids = list(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                           return_dict=False))
+        x = torch.tensor([ids])
+        cont = real_bundle.model.generate(x, attention_mask=torch.ones_like(x),
+                                          max_new_tokens=32, min_new_tokens=32,
+                                          do_sample=False)
+        a_all.append(real_bundle.model(input_ids=cont).logits[0, len(ids) - 1 : -1])
+        b_all.append(int4_bundle.model(input_ids=cont).logits[0, len(ids) - 1 : -1])
+    a, b = torch.cat(a_all), torch.cat(b_all)
+    assert b.dtype == torch.float32 and a.shape[0] == 64
     lp, lq = F.log_softmax(a.double(), -1), F.log_softmax(b.double(), -1)
     kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
     top1 = (a.argmax(-1) == b.argmax(-1)).double().mean().item()
