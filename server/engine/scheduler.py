@@ -80,7 +80,7 @@ class EngineUnavailableError(RuntimeError):
 class EngineConfig:
     """Engine limits (a subset of the server settings)."""
 
-    max_batch_size: int = 16
+    max_batch_size: int = 32  # the server setting's default (server.settings)
     max_queue: int = 64
     max_prefill_tokens: int = 8192
     request_timeout_s: float | None = None  # default per-request budget (None = unlimited)
