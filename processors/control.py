@@ -652,11 +652,7 @@ class PhaseDeltas:
         slots = [t for t in (s.select(keep, idx) for s in self.slots) if t is not None]
         if not slots:
             return None
-        by_layer: dict[int, list[Slot]] = {}
-        for s in slots:
-            for layer in s.dirs:
-                by_layer.setdefault(layer, []).append(s)
-        return PhaseDeltas(self.phase, slots, dict(sorted(by_layer.items())),
+        return PhaseDeltas(self.phase, slots, _by_layer(slots),
                            self.prompt_lens.index_select(0, idx))
 
     def trigger(self, b: int, entry: int, specs: Sequence[ControlSpec]) -> None:
@@ -683,6 +679,15 @@ def schedule_value(s: Slot, t: torch.Tensor) -> torch.Tensor:
     w_exp = (1.0 - torch.exp(-EXP_RATE * p)) / (1.0 - math.exp(-EXP_RATE))
     w = torch.where(s.shape == 1, w_cos, torch.where(s.shape == 2, w_exp, p))
     return s.a0 + (s.a1 - s.a0) * w
+
+
+def _by_layer(slots: Sequence[Slot]) -> dict[int, list[Slot]]:
+    """Layer index -> the slots that add a delta there, in layer order (the hooks' lookup)."""
+    by_layer: dict[int, list[Slot]] = {}
+    for s in slots:
+        for layer in s.dirs:
+            by_layer.setdefault(layer, []).append(s)
+    return dict(sorted(by_layer.items()))
 
 
 def build_phase(
@@ -719,13 +724,10 @@ def build_phase(
                 slots.append(_slot(kind, j, cells, B, device, fired))
     if not slots:
         return None
-    by_layer: dict[int, list[Slot]] = {}
-    for s in slots:
-        for layer in s.dirs:
-            by_layer.setdefault(layer, []).append(s)
+    by_layer = _by_layer(slots)
     lens = list(prompt_lens) if prompt_lens is not None else [0] * B
     return PhaseDeltas(
-        phase, slots, dict(sorted(by_layer.items())),
+        phase, slots, by_layer,
         torch.tensor(lens, dtype=torch.long, device=device),
     )
 

@@ -55,6 +55,20 @@ def on_forward(model: Any, fn: Callable[[bool], None]) -> Iterator[None]:
         handle.remove()
 
 
+def first_forward_blocker() -> tuple[threading.Event, threading.Event, Callable[[bool], None]]:
+    """(started, release, fn) for :func:`on_forward`: the first uncached forward sets
+    ``started`` and waits (at most 30 s) for ``release``, so a test can act while the
+    engine is known to be inside it."""
+    started, release = threading.Event(), threading.Event()
+
+    def block(cached: bool) -> None:
+        if not cached and not started.is_set():
+            started.set()
+            release.wait(30)
+
+    return started, release, block
+
+
 def ids(bundle: ModelBundle, texts: list[str]) -> list[list[int]]:
     return [list(bundle.tokenizer(t)["input_ids"]) for t in texts]
 
@@ -163,12 +177,7 @@ def test_cancelling_stops_a_job_between_chunks(bundle: ModelBundle, engine: Engi
 
 def test_jobs_share_the_request_queue_bound(bundle: ModelBundle) -> None:
     engine = _engine(bundle, max_queue=2)
-    started, release = threading.Event(), threading.Event()
-
-    def block(cached: bool) -> None:
-        if not cached and not started.is_set():
-            started.set()
-            release.wait(30)
+    started, release, block = first_forward_blocker()
 
     prompts = ids(bundle, TEXTS[:2])
     try:
@@ -193,12 +202,7 @@ def test_stopping_the_engine_fails_waiting_jobs(bundle: ModelBundle) -> None:
     from server.engine import EngineUnavailableError
 
     engine = _engine(bundle)
-    started, release = threading.Event(), threading.Event()
-
-    def block(cached: bool) -> None:
-        if not cached and not started.is_set():
-            started.set()
-            release.wait(30)
+    started, release, block = first_forward_blocker()
 
     prompts = ids(bundle, TEXTS[:2])
     with on_forward(bundle.model, block):

@@ -63,7 +63,9 @@ def kl_to_restricted_base(out: np.ndarray, base: np.ndarray, allowed: np.ndarray
     lq = np_log_softmax(out)
     a = np_log_softmax(np.where(allowed, base, -np.inf))
     q = np.exp(lq)
-    return float(np.sum(np.where(allowed, q * (lq - a), 0.0)))
+    # Outside `allowed` a is -inf and q may be 0 (0·inf = nan): those terms are dropped.
+    diff = np.where(allowed, lq - a, 0.0)
+    return float(np.sum(np.where(allowed, q * diff, 0.0)))
 
 
 def random_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
