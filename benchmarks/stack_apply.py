@@ -1,0 +1,96 @@
+"""What the logits processors cost by themselves: ``ProcessorStack.apply`` in isolation.
+
+The step-time benchmarks (ngram.py, calibration.py, mixed.py) report steering overhead as a
+*ratio* to an unsteered step, so a faster base step (the int4 fast path) makes the same
+processor milliseconds a larger share. This script times the processors alone, in
+milliseconds per call, on float32 logits of the embedded model's vocabulary, with a prior
+built from the first ``--docs`` documents of the ``kjv`` corpus (tokenized with the
+embedded model's tokenizer):
+
+* ``ngram b1``: one row, ``ngram`` λ 0.2;
+* ``mixed b8``: mixed.py's eight stacks without the control-vector rows (those act in the
+  forward, not here): unsteered, logit_bias, ngram, ngram zscore, ngram + margin,
+  unsteered, ngram, logit_bias + margin.
+
+    python benchmarks/stack_apply.py [--calls 60] [--docs 3000]
+
+Prints the median of ``--calls`` timed calls per case (after warm-up); no ratio, no target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import EMBEDDED, machine, median  # noqa: E402
+
+
+def build_env(docs: int) -> tuple[Any, int]:
+    """A ProcessorEnv holding a kjv prior 'kjv' over the embedded model's vocabulary."""
+    from processors.base import ProcessorEnv
+    from processors.ngram import NgramPrior
+    from server.corpora import load_corpus
+    from server.loading import load_model
+
+    bundle = load_model(EMBEDDED, Path.home() / ".cache" / "steerserve", weights="fp32")
+    V = int(bundle.model.config.vocab_size)
+    texts = load_corpus("kjv", max_bytes=1 << 30, max_documents=docs)
+    ids = [bundle.tokenizer(t)["input_ids"] for t in texts]
+    prior = NgramPrior.build("kjv", ids, V)
+    return ProcessorEnv(vocab_size=V, priors={"kjv": prior}), V
+
+
+def time_stack(env: Any, V: int, rows: list[list[dict[str, Any]]], calls: int) -> float:
+    """Median ms of one ``apply`` over ``(len(rows), V)`` random float32 logits."""
+    from processors.base import StepContext
+    from processors.stack import ProcessorStack, parse_stack
+
+    stack = ProcessorStack(torch.device("cpu"), V)
+    stack.update_state([parse_stack(r, env, max_len=16) for r in rows])
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(len(rows), V, generator=gen) * 3  # (B, V)
+    last = torch.randint(0, 1000, (len(rows), 60), generator=gen)  # (B, T) context
+
+    def once() -> None:
+        stack.apply(StepContext(base_logits=logits, last_tokens=last, want_stats=False), logits)
+
+    for _ in range(10):
+        once()
+    ts = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        once()
+        ts.append((time.perf_counter() - t0) * 1000)
+    return median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calls", type=int, default=60)
+    ap.add_argument("--docs", type=int, default=3000)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    env, V = build_env(args.docs)
+    ng = {"type": "ngram", "prior": "kjv", "lambda": 0.2}
+    cases = {
+        "ngram b1": [[ng]],
+        "mixed b8": [[], [{"type": "logit_bias", "bias": {"28": 2.0}}], [ng],
+                     [{**ng, "scale": "zscore"}], [ng, {"type": "margin"}], [], [ng],
+                     [{"type": "logit_bias", "bias": {"30": -3.0}},
+                      {"type": "margin", "tau": 0.3}]],
+    }
+    print(f"machine: {machine()}")
+    for name, rows in cases.items():
+        print(f"{name}: ProcessorStack.apply {time_stack(env, V, rows, args.calls):.2f} ms "
+              f"(median of {args.calls}, vocabulary {V})")
+
+
+if __name__ == "__main__":
+    main()
