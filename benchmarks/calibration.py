@@ -28,19 +28,16 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine, report_ratio, server_process, step_times  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    STYLE_PROMPTS,
+    machine,
+    report_ratio,
+    server_process,
+    step_times,
+)
 
 LAMBDAS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0]
-PROMPTS = [
-    "Tell me about the sea.", "What should a good king do?", "Describe a morning in the city.",
-    "Give advice to a young traveller.", "What is love?", "Why do people tell stories?",
-    "Describe your favourite meal.", "What makes a good friend?", "Explain how rain forms.",
-    "Write a note to a neighbour.", "What is the best way to learn?", "Describe a storm.",
-    "What do you think about cities at night?", "How should we treat strangers?",
-    "Tell me about a mountain.", "What is courage?", "Describe a market in summer.",
-    "Why is honesty important?", "What happens when we forgive?", "Describe a long journey.",
-    "What is the meaning of home?", "How do you comfort someone who is sad?",
-]
+PROMPTS = STYLE_PROMPTS
 
 
 def stacks(prior: str) -> dict[str, list[dict]]:

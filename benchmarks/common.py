@@ -24,6 +24,33 @@ import httpx
 EMBEDDED = "embedded:smollm2-135m-instruct"
 ROOT = Path(__file__).resolve().parent.parent
 
+# Open questions for the style/fluency measures (calibration.py uses all 22; frontier.py
+# tunes on the first 6 and reports on the other 16, never used for tuning).
+STYLE_PROMPTS = [
+    "Tell me about the sea.", "What should a good king do?", "Describe a morning in the city.",
+    "Give advice to a young traveller.", "What is love?", "Why do people tell stories?",
+    "Describe your favourite meal.", "What makes a good friend?", "Explain how rain forms.",
+    "Write a note to a neighbour.", "What is the best way to learn?", "Describe a storm.",
+    "What do you think about cities at night?", "How should we treat strangers?",
+    "Tell me about a mountain.", "What is courage?", "Describe a market in summer.",
+    "Why is honesty important?", "What happens when we forgive?", "Describe a long journey.",
+    "What is the meaning of home?", "How do you comfort someone who is sad?",
+]
+
+# Short chat prompts for the throughput benchmarks (mixed.py uses the first 8, fastpath.py
+# all 20), all different so no two requests share a prefill.
+CHAT_PROMPTS = [
+    "Write a short story about a lighthouse keeper.", "Describe a storm at sea.",
+    "What should a good king do?", "Explain how rain forms.", "Tell me about the moon.",
+    "Give advice to a young traveller.", "Describe a market in summer.", "What is courage?",
+    "How do bees make honey?", "Why is the sky blue?", "Explain photosynthesis simply.",
+    "What is the capital of France and why is it famous?", "Write a poem about autumn.",
+    "How does a bicycle stay upright?", "Describe your ideal weekend.",
+    "What are the benefits of reading?", "Explain what a computer program is.",
+    "Tell me a fact about elephants.", "How should I prepare for an exam?",
+    "What makes a good friend?",
+]
+
 
 def free_port() -> int:
     """A free loopback TCP port."""

@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    CHAT_PROMPTS,
     EMBEDDED,
     burst,
     machine,
@@ -41,17 +42,7 @@ from benchmarks.common import (  # noqa: E402
 from server.loading import ModelBundle, load_model  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.", "Describe a storm at sea.",
-    "What should a good king do?", "Explain how rain forms.", "Tell me about the moon.",
-    "Give advice to a young traveller.", "Describe a market in summer.", "What is courage?",
-    "How do bees make honey?", "Why is the sky blue?", "Explain photosynthesis simply.",
-    "What is the capital of France and why is it famous?", "Write a poem about autumn.",
-    "How does a bicycle stay upright?", "Describe your ideal weekend.",
-    "What are the benefits of reading?", "Explain what a computer program is.",
-    "Tell me a fact about elephants.", "How should I prepare for an exam?",
-    "What makes a good friend?",
-]
+PROMPTS = CHAT_PROMPTS
 
 
 def prompt_ids(bundle: ModelBundle, text: str) -> list[int]:

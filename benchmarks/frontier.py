@@ -44,7 +44,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import EMBEDDED, ROOT, machine, report_ratio, step_times  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    EMBEDDED,
+    ROOT,
+    STYLE_PROMPTS,
+    machine,
+    report_ratio,
+    step_times,
+)
 
 LAMBDAS = [0.0, 0.1, 0.25, 0.5, 1.0]
 QUICK_LAMBDAS = [0.0, 0.2, 0.5, 1.0]
@@ -53,19 +60,9 @@ BASE_LIMIT = 1.3  # base PPL ≤ 1.3 × unsteered
 D2_LIMIT = 0.8  # distinct-2 ≥ 0.8 × unsteered
 
 # Guard settings were tuned on kjv with these prompts only.
-TUNE_PROMPTS = [
-    "Tell me about the sea.", "What should a good king do?", "Describe a morning in the city.",
-    "Give advice to a young traveller.", "What is love?", "Why do people tell stories?",
-]
+TUNE_PROMPTS = STYLE_PROMPTS[:6]
 # Held out: never used while choosing the guard settings.
-PROMPTS = [
-    "Describe your favourite meal.", "What makes a good friend?", "Explain how rain forms.",
-    "Write a note to a neighbour.", "What is the best way to learn?", "Describe a storm.",
-    "What do you think about cities at night?", "How should we treat strangers?",
-    "Tell me about a mountain.", "What is courage?", "Describe a market in summer.",
-    "Why is honesty important?", "What happens when we forgive?", "Describe a long journey.",
-    "What is the meaning of home?", "How do you comfort someone who is sad?",
-]
+PROMPTS = STYLE_PROMPTS[6:]
 
 
 # The guard settings tried on the tuning split (``--tune``), one frontier curve each.

@@ -21,6 +21,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    CHAT_PROMPTS,
     burst,
     machine,
     median,
@@ -30,11 +31,7 @@ from benchmarks.common import (  # noqa: E402
 
 # Eight different prompts in both variants, so neither gets the shared-prefill shortcut
 # that identical prompts would.
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.", "Describe a storm at sea.",
-    "What should a good king do?", "Explain how rain forms.", "Tell me about the moon.",
-    "Give advice to a young traveller.", "Describe a market in summer.", "What is courage?",
-]
+PROMPTS = CHAT_PROMPTS[:8]
 
 
 def stacks(prior: str, vector: str) -> list[list[dict]]:
