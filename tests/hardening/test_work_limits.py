@@ -29,30 +29,21 @@ from server.api.errors import MAX_MESSAGE_CHARS
 from server.api.routes import public_source
 from server.loading import ModelBundle
 from server.settings import Settings
-from tests.conftest import LiveServer, live_server
-from tests.hardening.conftest import CHEAP, assert_envelope, gguf_bytes
+from tests.conftest import LiveServer
+from tests.hardening.conftest import assert_envelope, gguf_bytes
 
 HUGE = "1" + "0" * 400  # a JSON integer no float can hold
 
 
-@pytest.fixture(scope="module")
-def srv(tiny_bundle: ModelBundle, tmp_path_factory: pytest.TempPathFactory
-        ) -> Iterator[LiveServer]:
-    data = tmp_path_factory.mktemp("work-limits")
-    with live_server(tiny_bundle, data, **CHEAP) as s:
-        s.data_dir = data  # type: ignore[attr-defined]
-        yield s
+@pytest.fixture
+def srv(cheap_server: LiveServer) -> LiveServer:
+    """This module's server: the hardening conftest's (``http`` talks to it too)."""
+    return cheap_server
 
 
 @pytest.fixture
 def settings(srv: LiveServer) -> Settings:
     return srv.app.state.steer.settings  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def http(srv: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=srv.url, timeout=30) as c:
-        yield c
 
 
 class Spy:
