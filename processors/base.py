@@ -16,6 +16,13 @@ Life cycle (DESIGN.md, "Processor interface"):
   no loop over rows or vocabulary, no ``.item()``/``.tolist()``, no host sync.
 * ``active`` — ``False`` when no row uses the processor; the stack then skips it, so
   an unused method costs nothing.
+* ``select(keep, index)`` — optional: rows only *left* the batch; keep rows ``keep``
+  (old batch order), given also as the device tensor ``index (B',)``. A processor that
+  keeps its per-row tables on the device indexes them with ``index`` (no host→device
+  upload) and returns True; the default returns False, and the stack then rebuilds it
+  with ``update_state`` from the kept rows' specs (the same result, with uploads).
+  :class:`RowSlots` does the index arithmetic for processors that work on a subset of
+  the rows.
 """
 
 from __future__ import annotations
@@ -175,10 +182,71 @@ class Processor(abc.ABC, Generic[SpecT]):
         processors read only the names they know, so the default ignores them all.
         """
 
+    def select(self, keep: Sequence[int], index: torch.Tensor) -> bool:
+        """Rows only left: keep batch rows ``keep`` (host list, old order) whose device
+        copy is ``index (B',)`` int64. Return True when the per-row state now follows the
+        kept rows (indexed on the device, no upload); False (the default) asks the stack
+        to rebuild this processor with ``update_state`` instead."""
+        return False
+
     @property
     def active(self) -> bool:
         """Whether any row of the current batch uses this processor."""
         return self._active
+
+
+class RowSlots:
+    """Which batch rows a processor works on, as a compact row list on the device.
+
+    A processor used by ``k`` of the batch's ``B`` rows keeps its per-row tables as
+    ``(k, ...)`` tensors, one row per *used* batch row in batch order, and computes on
+    those rows only (gathered with :attr:`index`, written back with ``index_copy_``);
+    when every row uses it (:attr:`all_rows`) no gather is needed.
+
+    On a leave step (:meth:`select`) the new compact list is derived on the device from
+    the kept rows' index (``pos`` of the kept rows, stably sorted so that used rows come
+    first; their count is known on the host): no upload and no host sync. It returns the
+    old compact positions of the new compact rows, to index the ``(k, ...)`` tables with.
+
+    Attributes:
+        used: host flags, one per batch row.
+        k: how many rows are used.
+        all_rows: ``k == B``.
+        index: ``(k,)`` int64 batch rows of the compact rows (None when ``all_rows``).
+        pos: ``(B,)`` int64 compact position of each batch row, ``-1`` where unused.
+    """
+
+    def __init__(self, used: Sequence[bool], device: torch.device) -> None:
+        self.used = [bool(u) for u in used]
+        self.k = sum(self.used)
+        self.all_rows = self.k == len(self.used)
+        pos, j = [], 0
+        for u in self.used:
+            pos.append(j if u else -1)
+            j += u
+        # One upload: batch rows of the compact rows, then each batch row's position.
+        rows = [b for b, u in enumerate(self.used) if u]
+        both = torch.tensor(rows + pos, dtype=torch.long).to(device)
+        self.index: torch.Tensor | None = None if self.all_rows else both[: self.k]
+        self.pos = both[self.k :]
+
+    def select(self, keep: Sequence[int], index: torch.Tensor) -> torch.Tensor:
+        """Follow the kept rows ``keep`` (``index (B',)`` on the device); return the
+        ``(k',)`` old compact positions of the new compact rows, in order."""
+        self.used = [self.used[b] for b in keep]
+        self.k = sum(self.used)
+        self.all_rows = self.k == len(self.used)
+        kept = self.pos.index_select(0, index)  # (B',) old compact position or -1
+        unused = (kept < 0).to(torch.uint8)
+        # Used rows first, in batch order (stable); their count k' is host knowledge.
+        rows = torch.sort(unused, stable=True).indices[: self.k]  # (k',)
+        self.index = None if self.all_rows else rows
+        self.pos = torch.where(kept >= 0, (kept >= 0).cumsum(0) - 1, -1)  # (B',)
+        return kept.index_select(0, rows)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The compact rows of ``x (B, ...)`` (``x`` itself when every row is used)."""
+        return x if self.index is None else x.index_select(0, self.index)
 
 
 def check_keys(params: Mapping[str, Any], allowed: set[str]) -> None:

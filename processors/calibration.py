@@ -25,7 +25,14 @@ from typing import Any
 
 import torch
 
-from processors.base import Processor, ProcessorEnv, StepContext, check_keys, get_number
+from processors.base import (
+    Processor,
+    ProcessorEnv,
+    RowSlots,
+    StepContext,
+    check_keys,
+    get_number,
+)
 from processors.stack import register
 
 DEFAULT_TAU = 0.5
@@ -65,51 +72,65 @@ class MarginCalibration(Processor[MarginSpec]):
         return MarginSpec(tau, gamma)
 
     def update_state(self, specs: Sequence[MarginSpec | None]) -> None:
-        used = [s is not None for s in specs]
-        self._active = any(used)
-        dev = self.device
-        self.rows = torch.tensor(used, dtype=torch.bool, device=dev).view(-1, 1)  # (B,1)
-        # Rows without the processor get τ = +inf: never "confident", never touched.
-        self.tau = torch.tensor(
-            [s.tau if s else float("inf") for s in specs], dtype=torch.float32, device=dev
-        ).view(-1, 1)
-        self.gamma = torch.tensor(
-            [s.gamma if s else 0.0 for s in specs], dtype=torch.float32, device=dev
-        ).view(-1, 1)
+        self.slots = RowSlots([s is not None for s in specs], self.device)
+        self._active = self.slots.k > 0
+        mine = [s for s in specs if s is not None]
+        # One upload: τ and γ of the rows that use the processor, (k, 2).
+        table = torch.tensor([[s.tau, s.gamma] for s in mine], dtype=torch.float32)
+        table = table.view(-1, 2).to(self.device)
+        self.tau, self.gamma = table[:, 0:1], table[:, 1:2]  # (k, 1) each
+
+    def select(self, keep: Sequence[int], index: torch.Tensor) -> bool:
+        """Rows left: τ and γ follow the kept rows on the device (no upload)."""
+        sel = self.slots.select(keep, index)
+        self._active = self.slots.k > 0
+        self.tau, self.gamma = self.tau[sel], self.gamma[sel]
+        return True
 
     # The stack may hand apply_ a tensor it owns (processors.stack: in-place stages).
     in_place = True
 
     def apply(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
-        t, new_t = self._targets(ctx, logits)
-        return logits.scatter(1, t, new_t)
+        return self.apply_(ctx, logits.clone())
 
     def apply_(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
         """:meth:`apply` writing into ``logits (B, V)``, which the caller owns (no copy;
         everything is read before the one column per row is written)."""
-        t, new_t = self._targets(ctx, logits)
-        return logits.scatter_(1, t, new_t)
+        t, new_t = self._targets(ctx, logits)  # (k, 1) each
+        if self.slots.index is None:
+            return logits.scatter_(1, t, new_t)
+        # Flat positions row·V + t of the compact rows' one column each.
+        flat = self.slots.index.view(-1, 1) * logits.shape[1] + t
+        logits.view(-1).index_copy_(0, flat.view(-1), new_t.view(-1))
+        return logits
 
     def _targets(
         self, ctx: StepContext, logits: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(t, value)`` ``(B, 1)``: the column each row writes and its new value."""
-        base = ctx.base_logits.float()  # (B, V)
-        top_vals = base.topk(2, dim=-1).values  # (B, 2); values are tie-safe, indices not
-        t = base.argmax(dim=-1, keepdim=True)  # (B, 1) the frozen model's (greedy) choice
-        m0 = top_vals[:, :1] - top_vals[:, 1:]  # (B, 1) base margin ≥ 0
-        p0 = torch.exp(top_vals[:, :1] - torch.logsumexp(base, dim=-1, keepdim=True))  # (B,1)
-        confident = p0 >= self.tau  # (B, 1); False for rows without the processor
-        s_vals, s_idx = logits.topk(2, dim=-1)  # (B, 2) steered
-        best_other = torch.where(s_idx[:, :1] == t, s_vals[:, 1:], s_vals[:, :1])  # (B, 1)
-        current = logits.gather(1, t)  # (B, 1)
+        """``(t, value)`` ``(k, 1)``: the column each compact row writes and its value.
+
+        Only the ``k`` rows that use the processor are read (gathered when ``k < B``).
+        Cost: a max, a ``log_softmax`` and two masked maxima of ``(k, V)``; the masked
+        maximum (a copy with column ``t`` at ``-inf``, then ``amax``) is several times
+        cheaper than ``topk(2)`` on the CPU, and ``log_softmax`` than ``logsumexp``.
+        """
+        base = self.slots.gather(ctx.base_logits).float()  # (k, V)
+        steered = self.slots.gather(logits)  # (k, V)
+        # The frozen model's (greedy) choice; max gives the first maximal index, as argmax.
+        top, t = base.max(dim=-1, keepdim=True)  # (k, 1) each
+        second = base.scatter(1, t, -math.inf).amax(dim=-1, keepdim=True)  # max_{j≠t} base
+        m0 = top - second  # (k, 1) base margin ≥ 0
+        p0 = base.log_softmax(dim=-1).gather(1, t).exp()  # (k, 1)
+        confident = p0 >= self.tau  # (k, 1)
+        current = steered.gather(1, t)  # (k, 1)
+        best_other = steered.scatter(1, t, -math.inf).amax(dim=-1, keepdim=True)
         target = best_other + self.gamma * m0
-        acted = confident & (current < target)  # (B, 1)
+        acted = confident & (current < target)  # (k, 1)
         new_t = torch.where(acted, target, current)
         if ctx.want_stats:
             # A negative flip prevented: confident, and steering had moved the argmax away.
-            flip = confident & (s_vals[:, :1] > current)
-            rows = self.rows.view(-1)
+            flip = confident & (best_other > current)
+            B = logits.shape[0]
             for name, value in (
                 ("margin_confident", confident),
                 ("margin_acted", acted),
@@ -119,8 +140,10 @@ class MarginCalibration(Processor[MarginSpec]):
                 # this batch (different stack depths), and its values must survive.
                 prev = ctx.stats.get(name)
                 if prev is None:
-                    prev = torch.full_like(rows, math.nan, dtype=torch.float32)
-                ctx.stats[name] = torch.where(rows, value.float().view(-1), prev)
+                    prev = torch.full((B,), math.nan, dtype=torch.float32, device=base.device)
+                col = value.float().view(-1)
+                ctx.stats[name] = col if self.slots.index is None else \
+                    prev.index_copy(0, self.slots.index, col)
         return t, new_t.to(logits.dtype)
 
 

@@ -223,6 +223,7 @@ class Guard(Processor[GuardSpec]):
         return GuardSpec(beta, eps, h)
 
     def update_state(self, specs: Sequence[GuardSpec | None]) -> None:
+        self._specs = list(specs)
         used = [s is not None for s in specs]
         self._active = any(used)
         self.all_rows = all(used)
@@ -248,9 +249,24 @@ class Guard(Processor[GuardSpec]):
             [s.entropy_scale if s and s.entropy_scale else float("inf") for s in specs],
             dtype=torch.float32, device=dev,
         ).view(-1, 1)
+        self._flags()
+
+    def _flags(self) -> None:
+        """Host flags from the rows' specs."""
+        specs = self._specs
+        self._active = any(s is not None for s in specs)
+        self.all_rows = all(s is not None for s in specs)
         self.any_mask = any(s is not None and s.plausibility for s in specs)
         self.any_budget = any(s is not None and s.kl_budget for s in specs)
         self.any_entropy = any(s is not None and s.entropy_scale for s in specs)
+
+    def select(self, keep: Sequence[int], index: torch.Tensor) -> bool:
+        """Rows left: the ``(B, 1)`` per-row tables follow the kept rows (no upload)."""
+        self._specs = [self._specs[b] for b in keep]
+        for name in ("rows", "log_beta", "cut_offset", "eps", "h_full"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        self._flags()
+        return True
 
     def entropy_weight(self, base: torch.Tensor) -> torch.Tensor:
         """``min(1, H(P) / entropy_scale)`` per row ``(B, 1)`` (1 without the rule), from the

@@ -101,11 +101,28 @@ class LogitBias(Processor[LogitBiasSpec]):
             ids.extend(spec.token_ids)
             vals.extend(spec.values)
         self._active = bool(rows)
+        self._batch = len(specs)
+        self._has = [s is not None for s in specs]  # rows with entries
         # One upload (float64 holds the ids exactly), split on the device.
         table = torch.tensor([rows, ids, vals], dtype=torch.float64).to(self.device)
         self.rows = table[0].long()  # (N,)
         self.ids = table[1].long()  # (N,)
         self.vals = table[2].float()  # (N,)
+
+    def select(self, keep: Sequence[int], index: torch.Tensor) -> bool:
+        """Rows left: the entries follow their rows on the device (no upload). Entries of
+        rows that left stay in the tables as no-ops: row 0, value ``-0.0`` (``x + -0.0``
+        is ``x`` bit for bit, ``-0.0`` and NaN included) until the next rebuild."""
+        new_of_old = torch.full((self._batch,), -1, dtype=torch.long, device=index.device)
+        new_of_old[index] = torch.arange(len(keep), device=index.device)
+        rows = new_of_old[self.rows]  # (N,) new row or -1
+        gone = rows < 0
+        self.rows = rows.clamp_min(0)
+        self.vals = torch.where(gone, -0.0, self.vals)
+        self._batch = len(keep)
+        self._has = [self._has[b] for b in keep]
+        self._active = any(self._has)
+        return True
 
     # The stack may hand apply_ a tensor it owns (processors.stack: in-place stages).
     in_place = True

@@ -55,7 +55,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -66,6 +66,7 @@ from processors.base import (
     ParamError,
     Processor,
     ProcessorEnv,
+    RowSlots,
     StepContext,
     check_keys,
     check_number,
@@ -301,27 +302,22 @@ def _find(order: DeviceOrder, key: torch.Tensor, ok: torch.Tensor) -> tuple[torc
     return found, start, length, order.log_gamma[idx]
 
 
-def _scatter(
-    probs: torch.Tensor,
-    order: DeviceOrder,
-    start: torch.Tensor,
-    length: torch.Tensor,
-    coef: torch.Tensor,
-) -> None:
-    """``probs[b, next_ids[e]] += coef[b] · values[e]`` for each entry ``e`` of row b's slice.
+def _slice_entries(
+    order: DeviceOrder, start: torch.Tensor, length: torch.Tensor, coef: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Row b's slice of ``order`` as ``(ids, values · coef[b])``, both ``(B, L)``.
 
     The slice is gathered as a fixed ``(B, L)`` block whose tail points at the zero
-    sentinel entry, so there is no data-dependent shape and no host sync.
+    sentinel entry (id 0, value 0), so there is no data-dependent shape and no host
+    sync. None when the table has no entries.
     """
     L = order.max_len
     if L == 0:
-        return
-    j = torch.arange(L, device=probs.device)  # (L,)
+        return None
+    j = torch.arange(L, device=start.device)  # (L,)
     pos = start.unsqueeze(1) + j  # (B, L)
-    pos = torch.where(j < length.unsqueeze(1), pos, torch.full_like(pos, order.sentinel_entry))
-    ids = order.next_ids[pos]  # (B, L)
-    vals = order.values[pos] * coef.unsqueeze(1)  # (B, L)
-    probs.scatter_add_(1, ids, vals)
+    pos = torch.where(j < length.unsqueeze(1), pos, order.sentinel_entry)
+    return order.next_ids[pos], order.values[pos] * coef.unsqueeze(1)
 
 
 def style_logprobs(
@@ -356,6 +352,12 @@ def style_logprobs(
     What can still be lost is a sparse term more than ~1e38 times smaller than the
     row's largest term yet larger than its dense term: then the result is the dense
     lower bound (finite, never favouring the token).
+
+    Cost. Only the tokens of the row's bigram and trigram slices (``(B, L2 + L3)``,
+    ``L`` the longest slice of each table) get a mixture; every other token's mixture is
+    ``c1·p1(w)``, whose value is the dense term itself, so it is computed as one
+    ``(B, V)`` add of the precomputed ``log p1`` row and ``log c1``: no full-vocabulary
+    ``log``, compare or mask (issue 13's steering overhead on the fast path).
     """
     V = tables.vocab_size
     u, v = last_tokens[:, 0], last_tokens[:, 1]
@@ -377,13 +379,39 @@ def style_logprobs(
     log_c = torch.where(is_kn.unsqueeze(1), kn, jm)  # (B, 3); column 0 finite
     top = log_c.amax(dim=1, keepdim=True)  # (B, 1)
     coef = (log_c - top).exp()  # (B, 3) in [0, 1], the largest exactly 1
-    probs = tables.unigram.index_select(0, prior_idx) * coef[:, :1]  # (B, V)
-    _scatter(probs, tables.bi, start2, len2, coef[:, 1])
-    _scatter(probs, tables.tri, start3, len3, coef[:, 2])
-    dense = tables.log_unigram.index_select(0, prior_idx) + log_c[:, :1]  # (B, V) finite
+    B = last_tokens.shape[0]
+    # The dense part, log c1 + log p1(w): the whole value of every token no bigram or
+    # trigram entry of the row adds mass to, i.e. of all but the (B, L2+L3) touched
+    # ones. One (B, V) pass (a broadcast when the batch uses one prior).
+    log_c1 = log_c[:, :1]  # (B, 1)
+    if tables.log_unigram.shape[0] == 1:
+        out = tables.log_unigram + log_c1  # (B, V)
+    else:
+        out = tables.log_unigram.index_select(0, prior_idx).add_(log_c1)
+    parts = [
+        e for e in (_slice_entries(tables.bi, start2, len2, coef[:, 1]),
+                    _slice_entries(tables.tri, start3, len3, coef[:, 2]))
+        if e is not None
+    ]
+    if not parts:
+        return out
+    ids = torch.cat([p[0] for p in parts], dim=1)  # (B, L) touched token ids
+    vals = torch.cat([p[1] for p in parts], dim=1)  # (B, L) their scaled masses
+    # Sum the sparse masses per token (an id may be in both slices), then read the sums
+    # back at the touched ids: the mixture there is c1·p1 + that sum (scaled by c_max).
+    extra = torch.zeros(B, V, dtype=vals.dtype, device=vals.device)
+    s_at = extra.scatter_add_(1, ids, vals).gather(1, ids)  # (B, L)
+    at = ((prior_idx * V).unsqueeze(1) + ids).view(-1)  # (B·L,) flat unigram positions
+    u_at = tables.unigram.view(-1).index_select(0, at).view_as(ids)  # (B, L) p1 there
+    mix = u_at * coef[:, :1] + s_at
     # A subnormal sum has lost its precision (and 0 has no log): use the dense bound there.
-    mixed = probs.log().masked_fill_(probs < torch.finfo(probs.dtype).tiny, -math.inf)
-    return torch.maximum(mixed + top, dense)
+    mixed = mix.log().masked_fill_(mix < torch.finfo(mix.dtype).tiny, -math.inf)
+    dense_at = out.gather(1, ids)
+    # Where no mass was added (s_at = 0: the sentinel's padding, which points at token 0,
+    # or a zero coefficient) the value is the dense one, exactly as for untouched tokens,
+    # so duplicate writes of one id agree and the padding changes nothing.
+    val = torch.where(s_at > 0, torch.maximum(mixed + top, dense_at), dense_at)
+    return out.scatter_(1, ids, val)
 
 
 # ------------------------------------------------------------------ the artifact
@@ -545,14 +573,17 @@ def add_token_stat(ctx: StepContext, name: str, table: torch.Tensor, rows: torch
     ctx.stats[name] = torch.where(rows, table, fallback)
 
 
-def _pad_columns(x: torch.Tensor, V: int, fill: torch.Tensor) -> torch.Tensor:
-    """Fit ``x (B, Vp)`` to the model's ``V`` columns: cut, or pad with ``fill (B, 1)``."""
+def _pad_columns(
+    x: torch.Tensor, V: int, fill: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Fit ``x (B, Vp)`` to the model's ``V`` columns: cut, or pad with ``fill(x) (B, 1)``
+    (computed only when padding is needed: it is a reduction over the vocabulary)."""
     Vp = x.shape[1]
     if Vp == V:
         return x
     if Vp > V:
         return x[:, :V]
-    return torch.cat([x, fill.expand(-1, V - Vp)], dim=1)
+    return torch.cat([x, fill(x).expand(-1, V - Vp)], dim=1)
 
 
 class NgramProcessor(Processor[NgramSpec]):
@@ -603,76 +634,136 @@ class NgramProcessor(Processor[NgramSpec]):
         return NgramSpec(prior, lam, weights, scale)
 
     def update_state(self, specs: Sequence[NgramSpec | None]) -> None:
-        B = len(specs)
-        uids: dict[str, int] = {}
-        priors: list[NgramPrior] = []
-        pidx, lam, weights, kn, zs, used = [], [], [], [], [], []
-        for spec in specs:
-            if spec is None:
-                pidx.append(0)
-                lam.append(0.0)
-                weights.append(DEFAULT_WEIGHTS)
-                kn.append(False)
-                zs.append(False)
-                used.append(False)
-                continue
-            if spec.prior.uid not in uids:
-                uids[spec.prior.uid] = len(priors)
-                priors.append(spec.prior)
-            pidx.append(uids[spec.prior.uid])
-            lam.append(spec.lam)
-            weights.append(spec.weights)
-            kn.append(spec.prior.estimator == "kneser_ney")
-            zs.append(spec.scale == "zscore")
-            used.append(True)
-        self._active = bool(priors)
-        self._any_steer = self._any_zscore = False
-        if not priors:
+        self.slots = RowSlots([s is not None for s in specs], self.device)
+        mine = [s for s in specs if s is not None]  # the compact rows, in batch order
+        self._active = bool(mine)
+        self._mine = mine
+        self._flags()
+        if not mine:
             return
+        uids: dict[str, NgramPrior] = {s.prior.uid: s.prior for s in mine}
         # Stack the priors in a canonical order so the device-table cache hits whatever
         # the row order of the batch.
-        order = sorted(range(len(priors)), key=lambda i: priors[i].uid)
-        rank = {old: new for new, old in enumerate(order)}
-        priors = [priors[i] for i in order]
-        pidx = [rank[i] for i in pidx]
-        dev = self.device
-        self.tables = device_tables(priors, dev, torch.float32)
-        self.prior_idx = torch.tensor(pidx, dtype=torch.long, device=dev)  # (B,)
-        self.lam = torch.tensor(lam, dtype=torch.float32, device=dev).view(B, 1)  # (B, 1)
-        # log w in float64 on the host: a weight like 1e-50 is 0 in float32, its log isn't.
-        self.log_w = torch.tensor(
-            [log_weights(w) for w in weights], dtype=torch.float32, device=dev
-        )  # (B, 3)
-        self.is_kn = torch.tensor(kn, dtype=torch.bool, device=dev)  # (B,)
-        self.zscore = torch.tensor(zs, dtype=torch.bool, device=dev).view(B, 1)  # (B, 1)
-        self.used = torch.tensor(used, dtype=torch.bool, device=dev).view(B, 1)  # (B, 1)
-        # λ = 0 rows keep their logits bit-for-bit (they still report style_nll).
-        steer = [u and x != 0.0 for u, x in zip(used, lam, strict=True)]
-        self.steer = torch.tensor(steer, dtype=torch.bool, device=dev).view(B, 1)  # (B, 1)
+        priors = [uids[u] for u in sorted(uids)]
+        rank = {p.uid: i for i, p in enumerate(priors)}
+        self.tables = device_tables(priors, self.device, torch.float32)
+        # One upload of the compact rows' parameters, (k, 8) float64: prior index, λ,
+        # log w1..w3 (taken in float64 on the host: a weight like 1e-50 is 0 in float32,
+        # its log isn't), Kneser–Ney, z-score, steers (λ ≠ 0). float64 holds them exactly.
+        table = torch.tensor(
+            [[float(rank[s.prior.uid]), s.lam, *log_weights(s.weights),
+              float(s.prior.estimator == "kneser_ney"), float(s.scale == "zscore"),
+              float(s.lam != 0.0)] for s in mine],
+            dtype=torch.float64,
+        ).to(self.device)
+        self._split(table)
+
+    def _split(self, table: torch.Tensor) -> None:
+        """The per-row tensors of the compact rows from their ``(k, 8)`` table."""
+        self._table = table
+        self.prior_idx = table[:, 0].long()  # (k,)
+        f32 = table[:, 1:5].float()
+        self.lam = f32[:, 0:1]  # (k, 1)
+        self.log_w = f32[:, 1:4]  # (k, 3)
+        self.is_kn = table[:, 5] > 0.5  # (k,)
+        self.zscore = table[:, 6:7] > 0.5  # (k, 1)
+        self.steer = table[:, 7:8] > 0.5  # (k, 1)
+
+    def _flags(self) -> None:
+        """Host flags of the compact rows (``self._mine``)."""
+        steer = [s.lam != 0.0 for s in self._mine]
         self._any_steer = any(steer)
-        self._any_zscore = any(z and s for z, s in zip(zs, steer, strict=True))
+        self._all_steer = all(steer)
+        self._any_zscore = any(s.scale == "zscore" and s.lam != 0.0 for s in self._mine)
+        self._all_zscore = all(s.scale == "zscore" for s in self._mine)
+
+    def select(self, keep: Sequence[int], index: torch.Tensor) -> bool:
+        """Rows left: the compact rows' table follows the kept rows on the device (no
+        upload); the stacked prior tables stay (they may hold a prior no row uses now)."""
+        rows = [b for b, u in enumerate(self.slots.used) if u]
+        by_row = dict(zip(rows, self._mine, strict=True))
+        self._mine = [by_row[b] for b in keep if b in by_row]  # new batch order
+        sel = self.slots.select(keep, index)
+        self._active = bool(self._mine)
+        self._flags()
+        if self._active:
+            self._split(self._table.index_select(0, sel))
+        return True
+
+    # The stack may hand apply_ a tensor it owns (processors.stack: in-place stages);
+    # before it owns one, apply (a fresh result buffer, no copy of the input) is cheaper.
+    in_place = True
+    fresh_apply = True
 
     def apply(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
         if not (self._any_steer or ctx.want_stats):
             return logits
+        new = self._steered(ctx, logits, None)
+        if new is None:
+            return logits
+        if self.slots.index is None:
+            return new
+        return logits.index_copy(0, self.slots.index, new)
+
+    def apply_(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
+        """:meth:`apply` writing into ``logits (B, V)``, which the caller owns."""
+        if not (self._any_steer or ctx.want_stats):
+            return logits
+        whole = self.slots.index is None and self._all_steer
+        new = self._steered(ctx, logits, logits if whole else None)
+        if new is not None and not whole:
+            if self.slots.index is None:
+                logits.copy_(new)
+            else:
+                logits.index_copy_(0, self.slots.index, new)
+        return logits
+
+    def _steered(
+        self, ctx: StepContext, logits: torch.Tensor, out: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The compact rows' steered logits ``(k, V)`` (None: nothing steers).
+
+        ``out``: write them there (``logits`` itself, when every row is ours and steers).
+        Registers ``style_nll`` when the batch wants stats.
+        """
         B, V = logits.shape
-        logp = style_logprobs(  # (B, Vp)
-            self.tables, ctx.last_tokens, self.prior_idx, self.log_w, self.is_kn
+        logp = style_logprobs(  # (k, Vp), a fresh tensor: ours to modify below
+            self.tables, self.slots.gather(ctx.last_tokens), self.prior_idx, self.log_w,
+            self.is_kn,
         )
         if ctx.want_stats:
-            nll = -logp
-            add_token_stat(ctx, "style_nll", _pad_columns(nll, V, nll.amax(1, True)), self.used)
+            nll = _pad_columns(logp.neg(), V, lambda x: x.amax(1, True))
+            self._stat(ctx, "style_nll", nll, B)
         if not self._any_steer:
-            return logits
+            return None
         s = logp
         if self._any_zscore:
-            centred = logp - logp.mean(dim=1, keepdim=True)
+            # Raw rows subtract 0 and divide by 1: their values are untouched, bit for bit.
+            mean = s.mean(dim=1, keepdim=True)
+            s.sub_(mean if self._all_zscore else torch.where(self.zscore, mean, 0.0))
             # Population std by hand: Tensor.std is several times slower on CPU.
-            std = centred.square().mean(dim=1, keepdim=True).sqrt().clamp_min(1e-6)
-            s = torch.where(self.zscore, centred / std, logp)
-        s = _pad_columns(s, V, s.amin(1, True))
-        # Out of place, and rows with λ = 0 or no prior take ``logits`` unchanged.
-        return torch.where(self.steer, logits + self.lam * s.to(logits.dtype), logits)
+            std = s.square().mean(dim=1, keepdim=True).sqrt().clamp_min(1e-6)
+            s.div_(std if self._all_zscore else torch.where(self.zscore, std, 1.0))
+        s = _pad_columns(s, V, lambda x: x.amin(1, True)).to(logits.dtype)
+        x = self.slots.gather(logits)  # (k, V)
+        if out is not None:
+            return torch.addcmul(x, self.lam, s, out=out)
+        if not s.is_contiguous():
+            s = s.contiguous()
+        new = torch.addcmul(x, self.lam, s, out=s)  # x + λ·s, in s's memory
+        # λ = 0 rows keep their logits bit-for-bit (they still report style_nll).
+        return new if self._all_steer else torch.where(self.steer, new, x)
+
+    def _stat(self, ctx: StepContext, name: str, table: torch.Tensor, B: int) -> None:
+        """Register the compact rows' ``table (k, V)`` as the per-token stat ``name``
+        (rows the processor does not own keep an earlier entry's values, else NaN)."""
+        if self.slots.index is None:
+            ctx.stats[name] = table
+            return
+        prev = ctx.stats.get(name)
+        base = prev.clone() if prev is not None else torch.full(
+            (B, table.shape[1]), math.nan, dtype=table.dtype, device=table.device)
+        ctx.stats[name] = base.index_copy_(0, self.slots.index, table)
 
 
 register(NgramProcessor)

@@ -160,9 +160,11 @@ class ProcessorStack:
         # Not applied by ``apply`` (the steered logits stay finite for diagnostics and
         # logprobs): the sampler sets them to -inf after its penalties, last of all.
         self.bans: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._rows: list[tuple[StackEntry, ...]] = []  # each row's stack (select rebuilds)
 
     def update_state(self, rows: Sequence[Sequence[StackEntry]]) -> None:
         """Build the stages for a batch whose row ``b`` has the stack ``rows[b]``."""
+        self._rows = [tuple(r) for r in rows]
         logit_rows = [[e for e in row if e.type not in _IN_FORWARD] for row in rows]
         depth = max((len(r) for r in logit_rows), default=0)
         stages: list[list[Processor[Any]]] = []
@@ -170,18 +172,26 @@ class ProcessorStack:
             types = sorted({r[k].type for r in logit_rows if len(r) > k})
             stage: list[Processor[Any]] = []
             for type_name in types:
-                specs = [
-                    r[k].spec if len(r) > k and r[k].type == type_name else None
-                    for r in logit_rows
-                ]
-                proc = _REGISTRY[type_name](self.device, self.vocab_size)
-                proc.configure(self.options)
-                proc.update_state(specs)
+                proc = self._build(k, type_name, logit_rows)
                 if proc.active:
                     stage.append(proc)
             stages.append(stage)
         self.stages = stages
-        # Hard masks of every entry (bans), applied by the sampler after its penalties.
+        self._set_bans(rows)
+
+    def _build(
+        self, k: int, type_name: str, logit_rows: Sequence[Sequence[StackEntry]]
+    ) -> Processor[Any]:
+        """The stage-``k`` instance of ``type_name`` for the batch's ``logit_rows``."""
+        specs = [r[k].spec if len(r) > k and r[k].type == type_name else None
+                 for r in logit_rows]
+        proc = _REGISTRY[type_name](self.device, self.vocab_size)
+        proc.configure(self.options)
+        proc.update_state(specs)
+        return proc
+
+    def _set_bans(self, rows: Sequence[Sequence[StackEntry]]) -> None:
+        """Hard masks of every entry (bans), applied by the sampler after its penalties."""
         ban_rows: list[int] = []
         ban_ids: list[int] = []
         for b, row in enumerate(rows):
@@ -196,6 +206,29 @@ class ProcessorStack:
                 torch.tensor(ban_ids, dtype=torch.long, device=self.device),
             )
 
+    def select(self, keep: Sequence[int], index: torch.Tensor) -> None:
+        """Rows only left the batch: keep rows ``keep`` (old batch order; ``index (B',)``
+        their device copy). Each processor follows the kept rows with its own
+        :meth:`Processor.select` (device indexing, no upload) or, if it has none, is
+        rebuilt from the kept rows' specs; the result equals ``update_state`` of the kept
+        rows' stacks (tests/unit/test_stack_select.py)."""
+        rows = [self._rows[b] for b in keep]
+        had_bans = self.bans is not None
+        logit_rows = [[e for e in row if e.type not in _IN_FORWARD] for row in rows]
+        self._rows = rows
+        stages: list[list[Processor[Any]]] = []
+        for k, stage in enumerate(self.stages):  # stage k holds the rows' k-th entries
+            kept: list[Processor[Any]] = []
+            for proc in stage:
+                if not proc.select(keep, index):
+                    proc = self._build(k, proc.type_name, logit_rows)
+                if proc.active:
+                    kept.append(proc)
+            stages.append(kept)
+        self.stages = stages
+        if had_bans:  # rare: re-upload the kept rows' bans (the mask is sparse per row)
+            self._set_bans(rows)
+
     @property
     def active(self) -> bool:
         """Whether any row of the batch has a logits processor."""
@@ -208,14 +241,16 @@ class ProcessorStack:
         written. A processor with ``in_place = True`` has an ``apply_`` that writes into
         a tensor the stack owns: the first output of an out-of-place processor, or one
         copy made for the first in-place one; so a stack of k such processors makes one
-        ``(B, V)`` copy instead of k.
+        ``(B, V)`` copy instead of k. A processor with ``fresh_apply = True`` (``ngram``)
+        computes its result in a buffer of its own anyway, so before the stack owns a
+        tensor its out-of-place ``apply`` runs instead of a copy plus ``apply_``.
         """
         owned = False
         for stage in self.stages:
             for proc in stage:
                 apply_ = getattr(proc, "apply_", None) if getattr(proc, "in_place", False) \
                     else None
-                if apply_ is not None:
+                if apply_ is not None and (owned or not getattr(proc, "fresh_apply", False)):
                     if not owned:
                         logits, owned = logits.clone(), True
                     logits = apply_(ctx, logits)

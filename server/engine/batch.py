@@ -175,10 +175,14 @@ class BatchState:
         }
         self.seen = None  # the owner rebuilds it for the new composition
 
-    def _rows(self, keep: Sequence[int]) -> tuple[torch.Tensor, int]:
-        """``(idx, first)``: the device index of rows ``keep`` and the first column that
-        is real for at least one of them (host arithmetic on ``lengths``)."""
-        idx = torch.tensor(list(keep), dtype=torch.long).to(self.device, non_blocking=True)
+    def _rows(
+        self, keep: Sequence[int], idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """``(idx, first)``: the device index of rows ``keep`` (uploaded unless the caller
+        has it) and the first column that is real for at least one of them (host
+        arithmetic on ``lengths``)."""
+        if idx is None:
+            idx = torch.tensor(list(keep), dtype=torch.long).to(self.device, non_blocking=True)
         longest = max(self.lengths[b] for b in keep)
         return idx, self.mask.shape[1] - longest
 
@@ -206,15 +210,16 @@ class BatchState:
         out.next_stats = {k: v.index_select(0, idx) for k, v in self.next_stats.items()}
         return out
 
-    def select(self, keep: Sequence[int]) -> None:
-        """Keep only rows ``keep`` (in that order) and trim all-padding columns."""
+    def select(self, keep: Sequence[int], idx: torch.Tensor | None = None) -> None:
+        """Keep only rows ``keep`` (in that order) and trim all-padding columns; ``idx``
+        is ``keep`` on the device when the caller has uploaded it already."""
         if list(keep) == list(range(self.size)):
             return
         if not keep:
             self.clear()
             return
         assert self.cache is not None
-        idx, first = self._rows(keep)
+        idx, first = self._rows(keep, idx)
         for layer in _layers(self.cache):
             layer.keys = layer.keys.index_select(0, idx)[:, :, first:]
             layer.values = layer.values.index_select(0, idx)[:, :, first:]

@@ -67,6 +67,9 @@ class Sampler:
         self.eos_ids = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
         self.rows: list[SamplerRow] = []
         self._counts: torch.Tensor | None = None  # (B, V) output-token counts
+        self._eos_cols: torch.Tensor | None = None  # (V,) bool, built once
+        self._eos_key: tuple[bool, ...] | None = None
+        self._eos_mask: torch.Tensor | None = None
 
     def update_state(self, rows: Sequence[SamplerRow]) -> None:
         """Rebuild the per-row tensors; called when rows join or leave."""
@@ -77,7 +80,6 @@ class Sampler:
         dev = self.device
         params = [r.params for r in rows]
         greedy = [is_greedy(p) for p in params]
-
         pairs = list(zip(params, greedy, strict=True))
         V = self.vocab_size
         # Every per-row parameter in one host table and one upload (issue 20.5): columns
@@ -90,6 +92,36 @@ class Sampler:
              for p, g in pairs],
             dtype=torch.float64,
         ).view(-1, 8).to(dev)
+        self._columns(table)
+        self._counts = None
+        if self.any_pen:
+            zeros = torch.zeros(self.vocab_size, dtype=torch.float32, device=dev)
+            self._counts = torch.stack(
+                [r.counts if r.counts is not None else zeros for r in rows]
+            ) if rows else None  # (B, V)
+        self._eos_key = None
+        self._eos_mask = None
+
+    def select(self, keep: Sequence[int], index: torch.Tensor) -> None:
+        """Rows only left: keep rows ``keep`` (old batch order; ``index (B',)`` their device
+        copy). The parameter table, the output-token counts and the EOS-block mask follow
+        the kept rows on the device (no upload); the same state as ``update_state`` of the
+        kept rows."""
+        self.rows = [self.rows[b] for b in keep]
+        self._columns(self._table.index_select(0, index))
+        if self._counts is not None:
+            self._counts = self._counts.index_select(0, index) if self.any_pen else None
+        if self._eos_mask is not None and self._eos_key is not None:
+            self._eos_mask = self._eos_mask.index_select(0, index)
+            self._eos_key = tuple(self._eos_key[b] for b in keep)
+
+    def _columns(self, table: torch.Tensor) -> None:
+        """The per-row tensors from the ``(B, 8)`` parameter ``table`` (device) and the
+        host flags from ``self.rows``."""
+        self._table = table
+        params = [r.params for r in self.rows]
+        greedy = [is_greedy(p) for p in params]
+        pairs = list(zip(params, greedy, strict=True))
         f32 = table.to(torch.float32)
 
         def col(j: int) -> torch.Tensor:
@@ -103,10 +135,10 @@ class Sampler:
         # Rows that draw noise: sampled rows with a generator (greedy rows draw nothing).
         self._draws = [
             (b, r.generator)
-            for b, (r, g) in enumerate(zip(rows, greedy, strict=True))
+            for b, (r, g) in enumerate(zip(self.rows, greedy, strict=True))
             if not g and r.generator is not None
         ]
-        sampled = [p for p, g in zip(params, greedy, strict=True) if not g]
+        sampled = [p for p, g in pairs if not g]
         self.top_k_max = max((p.top_k for p in sampled if p.top_k > 0), default=0)
         self.top_k_max = min(self.top_k_max, self.vocab_size)
         self.top_k = table[:, 2:3].to(torch.long)
@@ -117,22 +149,15 @@ class Sampler:
         self.any_rep = any(p.repetition_penalty != 1.0 for p in params)
         self.rep = col(5)
         self.any_pen = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
-        self._counts = None
-        if self.any_pen:
-            self.presence = col(6)  # (B,1)
-            self.frequency = col(7)  # (B,1)
-            zeros = torch.zeros(self.vocab_size, dtype=torch.float32, device=dev)
-            self._counts = torch.stack(
-                [r.counts if r.counts is not None else zeros for r in rows]
-            ) if rows else None  # (B, V)
+        self.presence = col(6)  # (B,1)
+        self.frequency = col(7)  # (B,1)
         self._bans: tuple[torch.Tensor, torch.Tensor] | None = None
         self.any_eos_block = self.eos_ids.numel() > 0 and any(
             p.ignore_eos or p.min_tokens > 0 for p in params
         )
-        self._eos_cols = torch.zeros(self.vocab_size, dtype=torch.bool, device=dev)
-        self._eos_cols[self.eos_ids] = True
-        self._eos_key: tuple[bool, ...] | None = None
-        self._eos_mask: torch.Tensor | None = None
+        if self._eos_cols is None:
+            self._eos_cols = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            self._eos_cols[self.eos_ids] = True
 
     def _eos_block_mask(self) -> torch.Tensor:
         """``(B, V)`` bool: EOS columns of rows that may not emit EOS this step.
@@ -142,6 +167,7 @@ class Sampler:
         """
         key = tuple(r.params.ignore_eos or r.generated < r.params.min_tokens for r in self.rows)
         if key != self._eos_key or self._eos_mask is None:
+            assert self._eos_cols is not None  # set by update_state
             rows = torch.tensor(key, dtype=torch.bool, device=self.device).view(-1, 1)
             self._eos_key, self._eos_mask = key, rows & self._eos_cols
         return self._eos_mask

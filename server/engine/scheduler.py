@@ -183,6 +183,10 @@ class Engine:
         # Batch rows kept since the last rebuild when rows only left (None: a join or a
         # reset happened, so everything is rebuilt from the host).
         self._leave_map: list[int] | None = None
+        # ``_leave_map`` on the device (uploaded once per leave; the processors and the
+        # sampler index their per-row tables with it), and the last leave's kept rows.
+        self._leave_index: torch.Tensor | None = None
+        self._keep_index: torch.Tensor | None = None
         self._any_diag = False
         self._logprobs_k: int | None = None  # max top-k asked by a row; None = no row asks
         self.observer = EngineObserver()  # replaced by the server's metrics
@@ -413,8 +417,20 @@ class Engine:
         self._leave_map = None
 
     def _rebuild(self) -> None:
-        """Rebuild processors and sampler tensors for the current composition."""
-        self.stack.update_state([r.request.steering for r in self.rows])
+        """Rebuild processors and sampler tensors for the current composition; when
+        rows only left, the per-row tables follow the kept rows on the device instead
+        (``ProcessorStack.select``, ``Sampler.select``: no upload)."""
+        B = len(self.rows)
+        left = self._leave_map is not None and self._leave_index is not None
+        if left:
+            assert self._leave_map is not None and self._leave_index is not None
+            # The engine rows come first in the batch, so their old rows lead the map.
+            keep, index = self._leave_map[:B], self._leave_index[:B]
+            self.stack.select(keep, index)
+            self.sampler.select(keep, index)
+        else:
+            self.stack.update_state([r.request.steering for r in self.rows])
+            self.sampler.update_state([r.sampler_row for r in self.rows])
         # Twins are rows B.. of the same forward with no control entry (zero delta).
         owners = self.twins.owners
         twin_rows = [self.rows[b] for b in owners]
@@ -431,8 +447,7 @@ class Engine:
                 triggered=[r.control.watch.fired if r.control and r.control.watch else ()
                            for r in self.rows] + [() for _ in owners],
             )
-        self._leave_map = None
-        self.sampler.update_state([r.sampler_row for r in self.rows])
+        self._leave_map = self._leave_index = None
         if not self.sampler.any_rep:
             self.batch.seen = None
         elif self.batch.seen is None:
@@ -475,8 +490,9 @@ class Engine:
         tokens = out.tokens
         if len(keep) != len(self.rows):
             self._keep_rows(keep)
-            if keep:
-                tokens = tokens.index_select(0, torch.tensor(keep).to(tokens.device))
+            if keep and self._keep_index is not None:
+                # The kept rows lead the leave's uploaded index (twins follow them).
+                tokens = tokens.index_select(0, self._keep_index[: len(keep)])
         if self.rows:
             self._decode(tokens)
 
@@ -634,11 +650,17 @@ class Engine:
         """Keep only rows ``keep`` (batch order) in every per-row structure."""
         self.rows = [self.rows[b] for b in keep]
         rows = self.twins.select(keep)  # batch rows: the kept rows, then their twins
-        self.batch.select(rows)
+        # The one upload of a leave: the kept batch rows (the cache, the processors'
+        # and the sampler's tables and the sampled tokens are all indexed with it).
+        index = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        self._keep_index = index
+        self.batch.select(rows, index)
         if not self._dirty:
-            self._leave_map = rows
-        elif self._leave_map is not None:  # a second leave before the rebuild
+            self._leave_map, self._leave_index = rows, index
+        elif self._leave_map is not None and self._leave_index is not None:
+            # A second leave before the rebuild: compose (on the device too).
             self._leave_map = [self._leave_map[i] for i in rows]
+            self._leave_index = self._leave_index.index_select(0, index)
         self.aux.sync([r.handle.key for r in self.rows])  # frees their aux caches
         self._dirty = True
 
@@ -652,6 +674,7 @@ class Engine:
         self._decode_phase = None
         self._dirty = True
         self._leave_map = None
+        self._leave_index = self._keep_index = None
 
     def _advance_row(
         self, row: _Row, token: int, now: float, lp: TokenLogprob | None = None

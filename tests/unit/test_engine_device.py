@@ -271,11 +271,12 @@ def test_host_syncs_per_step(
     assert steady and changing
     assert max(steady) == 1, per_step
     assert max(changing) <= 3, per_step
-    # Rows leaving (11 uploads before issue 20.5's rework): the kept rows' index (batch
-    # and tokens), the sampler's parameter table (one, was 6-8 columns), its EOS-block
-    # rows, logit_bias's table (one, was 3); no repetition-presence rebuild from every
-    # row's whole history (the rows follow on the device).
-    assert leave_uploads and max(leave_uploads) <= 5, leave_uploads
+    # Rows leaving (11 uploads before issue 20.5's rework, 5 before Processor.select):
+    # only the kept rows' index, uploaded once by the engine; the cache, the sampled
+    # tokens, the sampler's table and EOS-block rows and logit_bias's entries are all
+    # indexed with it on the device; no repetition-presence rebuild from every row's
+    # whole history (the rows follow on the device).
+    assert leave_uploads and max(leave_uploads) <= 1, leave_uploads
 
 
 # ------------------------------------------------------------ 20.8: admission
