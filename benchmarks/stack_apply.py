@@ -7,12 +7,14 @@ milliseconds per call, on float32 logits of the embedded model's vocabulary, wit
 built from the first ``--docs`` documents of the ``kjv`` corpus (tokenized with the
 embedded model's tokenizer):
 
-* ``ngram b1``: one row, ``ngram`` λ 0.2;
+* ``ngram b1``: one row, ``ngram`` λ 0.2; ``ngram b8``: eight such rows;
+* ``ngram+margin b8``: eight rows of ``ngram`` then ``margin`` (calibration.py's overhead
+  case);
 * ``mixed b8``: mixed.py's eight stacks without the control-vector rows (those act in the
   forward, not here): unsteered, logit_bias, ngram, ngram zscore, ngram + margin,
   unsteered, ngram, logit_bias + margin.
 
-    python benchmarks/stack_apply.py [--calls 60] [--docs 3000]
+    python benchmarks/stack_apply.py [--calls 60] [--docs 3000] [--cpu]
 
 Prints the median of ``--calls`` timed calls per case (after warm-up); no ratio, no target.
 """
@@ -47,8 +49,10 @@ def build_env(docs: int) -> tuple[Any, int]:
     return ProcessorEnv(vocab_size=V, priors={"kjv": prior}), V
 
 
-def time_stack(env: Any, V: int, rows: list[list[dict[str, Any]]], calls: int) -> float:
-    """Median ms of one ``apply`` over ``(len(rows), V)`` random float32 logits."""
+def time_stack(env: Any, V: int, rows: list[list[dict[str, Any]]], calls: int,
+               clock: Any = time.perf_counter) -> float:
+    """Median ms of one ``apply`` over ``(len(rows), V)`` random float32 logits, by
+    ``clock`` (wall time, or the thread's CPU time: see ``--cpu``)."""
     from processors.base import StepContext
     from processors.stack import ProcessorStack, parse_stack
 
@@ -65,9 +69,9 @@ def time_stack(env: Any, V: int, rows: list[list[dict[str, Any]]], calls: int) -
         once()
     ts = []
     for _ in range(calls):
-        t0 = time.perf_counter()
+        t0 = clock()
         once()
-        ts.append((time.perf_counter() - t0) * 1000)
+        ts.append((clock() - t0) * 1000)
     return median(ts)
 
 
@@ -75,21 +79,31 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=60)
     ap.add_argument("--docs", type=int, default=3000)
+    ap.add_argument("--cpu", action="store_true",
+                    help="one torch thread, timed by the thread's CPU time: the work itself, "
+                         "steady on a machine other jobs share (wall time swings there)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if args.cpu else 2)
+    clock = time.thread_time if args.cpu else time.perf_counter
     env, V = build_env(args.docs)
     ng = {"type": "ngram", "prior": "kjv", "lambda": 0.2}
     cases = {
         "ngram b1": [[ng]],
+        "ngram b8": [[ng]] * 8,
+        "ngram+margin b8": [[ng, {"type": "margin"}]] * 8,
         "mixed b8": [[], [{"type": "logit_bias", "bias": {"28": 2.0}}], [ng],
                      [{**ng, "scale": "zscore"}], [ng, {"type": "margin"}], [], [ng],
                      [{"type": "logit_bias", "bias": {"30": -3.0}},
                       {"type": "margin", "tau": 0.3}]],
     }
     print(f"machine: {machine()}")
+    for rows in cases.values():  # the process's first calls pay one-time costs (~30 ms)
+        time_stack(env, V, rows, 3)
+    what = "CPU ms, 1 thread" if args.cpu else "ms"
     for name, rows in cases.items():
-        print(f"{name}: ProcessorStack.apply {time_stack(env, V, rows, args.calls):.2f} ms "
-              f"(median of {args.calls}, vocabulary {V})")
+        ms = time_stack(env, V, rows, args.calls, clock)
+        print(f"{name}: ProcessorStack.apply {ms:.2f} {what} (median of {args.calls}, "
+              f"vocabulary {V})")
 
 
 if __name__ == "__main__":

@@ -94,28 +94,36 @@ class MarginCalibration(Processor[MarginSpec]):
         return self.apply_(ctx, logits.clone())
 
     def apply_(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
-        """:meth:`apply` writing into ``logits (B, V)``, which the caller owns (no copy;
-        everything is read before the one column per row is written)."""
-        t, new_t = self._targets(ctx, logits)  # (k, 1) each
-        if self.slots.index is None:
+        """:meth:`apply` writing into ``logits (B, V)``, which the caller owns (no copy).
+
+        Column ``t`` of each of the processor's rows is set to ``-inf`` to take the best
+        other steered logit (a masked ``amax``, several times cheaper than ``topk(2)`` on
+        the CPU) and then written with its final value, so nothing else changes.
+        """
+        whole = self.slots.index is None
+        steered = logits if whole else self.slots.gather(logits)  # (k, V), ours
+        t, new_t = self._targets(ctx, steered)  # (k, 1) each
+        if whole:
             return logits.scatter_(1, t, new_t)
         # Flat positions row·V + t of the compact rows' one column each.
+        assert self.slots.index is not None
         flat = self.slots.index.view(-1, 1) * logits.shape[1] + t
         logits.view(-1).index_copy_(0, flat.view(-1), new_t.view(-1))
         return logits
 
     def _targets(
-        self, ctx: StepContext, logits: torch.Tensor
+        self, ctx: StepContext, steered: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(t, value)`` ``(k, 1)``: the column each compact row writes and its value.
 
-        Only the ``k`` rows that use the processor are read (gathered when ``k < B``).
-        Cost: a max, a ``log_softmax`` and two masked maxima of ``(k, V)``; the masked
-        maximum (a copy with column ``t`` at ``-inf``, then ``amax``) is several times
-        cheaper than ``topk(2)`` on the CPU, and ``log_softmax`` than ``logsumexp``.
+        ``steered (k, V)``: the processor's rows of the steered logits, a tensor the
+        caller owns (column ``t`` is overwritten with ``-inf``; the caller writes it
+        back with ``value``). Only the ``k`` rows that use the processor are read. Cost:
+        a max, a ``log_softmax``, one ``(k, V)`` copy and two ``amax`` of ``(k, V)``
+        (``max`` + masked ``amax`` instead of ``topk(2)`` and ``argmax``,
+        ``log_softmax`` instead of ``logsumexp``: each several times cheaper on the CPU).
         """
         base = self.slots.gather(ctx.base_logits).float()  # (k, V)
-        steered = self.slots.gather(logits)  # (k, V)
         # The frozen model's (greedy) choice; max gives the first maximal index, as argmax.
         top, t = base.max(dim=-1, keepdim=True)  # (k, 1) each
         second = base.scatter(1, t, -math.inf).amax(dim=-1, keepdim=True)  # max_{j≠t} base
@@ -123,14 +131,14 @@ class MarginCalibration(Processor[MarginSpec]):
         p0 = base.log_softmax(dim=-1).gather(1, t).exp()  # (k, 1)
         confident = p0 >= self.tau  # (k, 1)
         current = steered.gather(1, t)  # (k, 1)
-        best_other = steered.scatter(1, t, -math.inf).amax(dim=-1, keepdim=True)
+        best_other = steered.scatter_(1, t, -math.inf).amax(dim=-1, keepdim=True)
         target = best_other + self.gamma * m0
         acted = confident & (current < target)  # (k, 1)
         new_t = torch.where(acted, target, current)
         if ctx.want_stats:
             # A negative flip prevented: confident, and steering had moved the argmax away.
             flip = confident & (best_other > current)
-            B = logits.shape[0]
+            B = ctx.base_logits.shape[0]
             for name, value in (
                 ("margin_confident", confident),
                 ("margin_acted", acted),
@@ -144,7 +152,7 @@ class MarginCalibration(Processor[MarginSpec]):
                 col = value.float().view(-1)
                 ctx.stats[name] = col if self.slots.index is None else \
                     prev.index_copy(0, self.slots.index, col)
-        return t, new_t.to(logits.dtype)
+        return t, new_t.to(steered.dtype)
 
 
 register(MarginCalibration)
