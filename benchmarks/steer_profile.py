@@ -198,8 +198,9 @@ def main() -> None:
     ap.add_argument("--weights", default="int4")
     ap.add_argument("--ops", action="store_true", help="also print the stacks' op tables")
     ap.add_argument("--only", nargs="*", help="case names to run (default: all)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     from server.engine.scheduler import Engine, EngineConfig
 
     bundle, env, _ = build(args.weights)

@@ -324,12 +324,53 @@ def _slice_entries(
     return ids, vals * coef.unsqueeze(1)
 
 
+def _coefficients(
+    found2: torch.Tensor, found3: torch.Tensor, lg2: torch.Tensor, lg3: torch.Tensor,
+    log_w: torch.Tensor, is_kn: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log c1 (B, 1), log c_max (B, 1), c / c_max (B, 3))`` of every row on the device
+    (:func:`style_logprobs` explains them)."""
+    zero = torch.zeros_like(lg2)
+    ninf = torch.full_like(lg2, -math.inf)
+    # Jelinek–Mercer: log c_n = log w_n − log Σ_{matched m} w_m (w1 > 0: always finite).
+    matched = torch.stack([torch.ones_like(found2), found2, found3], dim=1)  # (B, 3)
+    lw = torch.where(matched, log_w, torch.full_like(log_w, -math.inf))
+    jm = lw - torch.logsumexp(lw, dim=1, keepdim=True)
+    # Kneser–Ney: p = [m3](a3 + g3·q2) + [¬m3] q2, q2 = [m2](a2 + g2·p1) + [¬m2] p1.
+    kn2 = torch.where(found3, lg3, zero)
+    kn1 = kn2 + torch.where(found2, lg2, zero)
+    kn = torch.stack([kn1, kn2, torch.where(found3, zero, ninf)], dim=1)
+    log_c = torch.where(is_kn.unsqueeze(1), kn, jm)  # (B, 3); column 0 finite
+    top = log_c.amax(dim=1, keepdim=True)  # (B, 1)
+    coef = (log_c - top).exp()  # (B, 3) in [0, 1], the largest exactly 1
+    return log_c[:, :1], top, coef
+
+
+def jm_coefficients(weights: Sequence[float]) -> list[float]:
+    """A Jelinek–Mercer row's ``[log c1, log c_max, c1, c2, c3]`` (scaled by ``c_max``)
+    for the match patterns ``found2 + 2·found3 = 0..3``, flattened (20 floats), computed
+    in float64 on the host: ``log c_n = log w_n − log Σ_{matched m} w_m``."""
+    lw = log_weights(weights)
+    out: list[float] = []
+    for pattern in range(4):
+        matched = (True, bool(pattern & 1), bool(pattern & 2))
+        logs = [x if m else -math.inf for x, m in zip(lw, matched, strict=True)]
+        finite = [x for x in logs if x > -math.inf]
+        hi = max(finite)
+        lse = hi + math.log(sum(math.exp(x - hi) for x in finite))
+        log_c = [x - lse if x > -math.inf else -math.inf for x in logs]
+        top = max(log_c)
+        out += [log_c[0], top, *(math.exp(x - top) if x > -math.inf else 0.0 for x in log_c)]
+    return out
+
+
 def style_logprobs(
     tables: DeviceTables,
     last_tokens: torch.Tensor,
     prior_idx: torch.Tensor,
     log_w: torch.Tensor,
     is_kn: torch.Tensor,
+    jm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``log p_style(· | context)`` for every row: ``(B, V_prior)``, finite everywhere.
 
@@ -341,6 +382,10 @@ def style_logprobs(
         log_w: ``(B, 3)`` log Jelinek–Mercer weights (:func:`log_weights`; ignored for
             Kneser–Ney rows).
         is_kn: ``(B,)`` bool, rows whose prior is Kneser–Ney.
+        jm: optional ``(B, 4, 5)``, when every row is Jelinek–Mercer: each row's
+            ``[log c1, log c_max, c1, c2, c3]`` (below) for the four match patterns
+            ``found2 + 2·found3``, from :func:`jm_coefficients` (host float64). The step
+            then looks its coefficients up instead of computing them (~20 small ops).
 
     Numerics. ``p(w) = c1·p1(w) + c2·a2(w) + c3·a3(w)`` in the served float32 would
     underflow when a coefficient or ``p1`` is tiny (weights ``[1e-50, 1, 1]``, add-k
@@ -370,24 +415,16 @@ def style_logprobs(
     vv, uu = v.clamp(0, V - 1), u.clamp(0, V - 1)
     found2, start2, len2, lg2 = _find(tables.bi, prior_idx * V + vv, ok2)
     found3, start3, len3, lg3 = _find(tables.tri, (prior_idx * V + uu) * V + vv, ok3)
-    zero = torch.zeros_like(lg2)
-    ninf = torch.full_like(lg2, -math.inf)
-    # Jelinek–Mercer: log c_n = log w_n − log Σ_{matched m} w_m (w1 > 0: always finite).
-    matched = torch.stack([torch.ones_like(found2), found2, found3], dim=1)  # (B, 3)
-    lw = torch.where(matched, log_w, torch.full_like(log_w, -math.inf))
-    jm = lw - torch.logsumexp(lw, dim=1, keepdim=True)
-    # Kneser–Ney: p = [m3](a3 + g3·q2) + [¬m3] q2, q2 = [m2](a2 + g2·p1) + [¬m2] p1.
-    kn2 = torch.where(found3, lg3, zero)
-    kn1 = kn2 + torch.where(found2, lg2, zero)
-    kn = torch.stack([kn1, kn2, torch.where(found3, zero, ninf)], dim=1)
-    log_c = torch.where(is_kn.unsqueeze(1), kn, jm)  # (B, 3); column 0 finite
-    top = log_c.amax(dim=1, keepdim=True)  # (B, 1)
-    coef = (log_c - top).exp()  # (B, 3) in [0, 1], the largest exactly 1
+    if jm is not None:
+        combo = (found2.long() + 2 * found3.long()).view(-1, 1, 1).expand(-1, 1, 5)
+        row = jm.gather(1, combo).squeeze(1)  # (B, 5)
+        log_c1, top, coef = row[:, 0:1], row[:, 1:2], row[:, 2:5]
+    else:
+        log_c1, top, coef = _coefficients(found2, found3, lg2, lg3, log_w, is_kn)
     B = last_tokens.shape[0]
     # The dense part, log c1 + log p1(w): the whole value of every token no bigram or
     # trigram entry of the row adds mass to, i.e. of all but the (B, L2+L3) touched
     # ones. One (B, V) pass (a broadcast when the batch uses one prior).
-    log_c1 = log_c[:, :1]  # (B, 1)
     if tables.log_unigram.shape[0] == 1:
         out = tables.log_unigram + log_c1  # (B, V)
     else:
@@ -651,19 +688,23 @@ class NgramProcessor(Processor[NgramSpec]):
         priors = [uids[u] for u in sorted(uids)]
         rank = {p.uid: i for i, p in enumerate(priors)}
         self.tables = device_tables(priors, self.device, torch.float32)
-        # One upload of the compact rows' parameters, (k, 8) float64: prior index, λ,
+        # One upload of the compact rows' parameters, (k, 28) float64: prior index, λ,
         # log w1..w3 (taken in float64 on the host: a weight like 1e-50 is 0 in float32,
-        # its log isn't), Kneser–Ney, z-score, steers (λ ≠ 0). float64 holds them exactly.
+        # its log isn't), Kneser–Ney, z-score, steers (λ ≠ 0), then the Jelinek–Mercer
+        # coefficients per match pattern (jm_coefficients; zeros for Kneser–Ney rows).
+        # float64 holds them exactly.
         table = torch.tensor(
             [[float(rank[s.prior.uid]), s.lam, *log_weights(s.weights),
               float(s.prior.estimator == "kneser_ney"), float(s.scale == "zscore"),
-              float(s.lam != 0.0)] for s in mine],
+              float(s.lam != 0.0),
+              *(jm_coefficients(s.weights) if s.prior.estimator != "kneser_ney"
+                else [0.0] * 20)] for s in mine],
             dtype=torch.float64,
         ).to(self.device)
         self._split(table)
 
     def _split(self, table: torch.Tensor) -> None:
-        """The per-row tensors of the compact rows from their ``(k, 8)`` table."""
+        """The per-row tensors of the compact rows from their ``(k, 28)`` table."""
         self._table = table
         self.prior_idx = table[:, 0].long()  # (k,)
         f32 = table[:, 1:5].float()
@@ -672,6 +713,9 @@ class NgramProcessor(Processor[NgramSpec]):
         self.is_kn = table[:, 5] > 0.5  # (k,)
         self.zscore = table[:, 6:7] > 0.5  # (k, 1)
         self.steer = table[:, 7:8] > 0.5  # (k, 1)
+        # Looked-up coefficients when no row is Kneser–Ney (those compute theirs).
+        any_kn = any(s.prior.estimator == "kneser_ney" for s in self._mine)
+        self.jm = None if any_kn else table[:, 8:28].float().view(-1, 4, 5)  # (k, 4, 5)
 
     def _flags(self) -> None:
         """Host flags of the compact rows (``self._mine``)."""
@@ -733,7 +777,7 @@ class NgramProcessor(Processor[NgramSpec]):
         B, V = logits.shape
         logp = style_logprobs(  # (k, Vp), a fresh tensor: ours to modify below
             self.tables, self.slots.gather(ctx.last_tokens), self.prior_idx, self.log_w,
-            self.is_kn,
+            self.is_kn, self.jm,
         )
         if ctx.want_stats:
             nll = _pad_columns(logp.neg(), V, lambda x: x.amax(1, True))
@@ -781,6 +825,7 @@ __all__ = [
     "add_token_stat",
     "check_weights",
     "device_tables",
+    "jm_coefficients",
     "log_weights",
     "style_logprobs",
 ]

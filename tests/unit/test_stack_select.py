@@ -212,3 +212,22 @@ def test_engine_rows_leaving_at_different_steps_equal_solo() -> None:
             for k, v in fs.diagnostics.items():
                 if isinstance(v, float) and math.isfinite(v):
                     assert fb.diagnostics[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.parametrize("weights", [(0.2, 0.3, 0.5), (1.0, 0.0, 0.0), (1e-50, 1.0, 1.0),
+                                     (1.0, 1e-30, 4.0)])
+def test_jm_coefficients_table_matches_the_definition(weights: tuple[float, ...]) -> None:
+    """The looked-up Jelinek–Mercer coefficients (the processor's step path) against
+    c_n = w_n·[order n matched] / Σ_m w_m·[m matched], straight from the definition."""
+    from processors.ngram import jm_coefficients
+
+    table = jm_coefficients(weights)
+    for pattern in range(4):
+        matched = (True, bool(pattern & 1), bool(pattern & 2))
+        total = sum(w for w, m in zip(weights, matched, strict=True) if m)
+        c = [w / total if m else 0.0 for w, m in zip(weights, matched, strict=True)]
+        log_c1, top, *scaled = table[5 * pattern : 5 * pattern + 5]
+        assert log_c1 == pytest.approx(math.log(c[0]), rel=1e-12)
+        assert math.exp(top) == pytest.approx(max(c), rel=1e-12)
+        for got, want in zip(scaled, c, strict=True):
+            assert got == pytest.approx(want / max(c), rel=1e-12, abs=1e-300)
