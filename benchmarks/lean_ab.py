@@ -1,0 +1,79 @@
+"""In-process A/B of one decode step: the lean forward vs the transformers forward.
+
+Same model (the embedded SmolLM2, ``--weights``, default int4), same prompts, the same
+engine runner code (``server.engine.runner.ModelRunner`` with ``lean`` on and off); at
+each batch size both start from copies of one prefilled state (~40-token chat prompts)
+and decode ``--steps`` greedy steps, alternating A and B for ``--rounds`` rounds. Prints
+the medians of ms per step (wall and this thread's CPU time) and ``RATIO|`` lines
+(transformers / lean: > 1 means the lean forward is faster).
+
+    python benchmarks/lean_ab.py [--batches 1,8,16] [--rounds 5] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import CHAT_PROMPTS, EMBEDDED, machine, median  # noqa: E402
+from server.engine.batch import BatchState  # noqa: E402
+from server.engine.runner import ModelRunner  # noqa: E402
+from server.loading import load_model  # noqa: E402
+from server.settings import Settings  # noqa: E402
+
+
+def steps(runner: ModelRunner, start: BatchState, n: int) -> tuple[float, float]:
+    """Decode ``n`` greedy steps from a copy of ``start``; (wall, cpu) ms per step."""
+    state = start.gather(list(range(start.size)))
+    w0, c0 = time.perf_counter(), time.thread_time()
+    for _ in range(n):
+        tok = state.next_logits.argmax(-1)
+        state.append_tokens(tok)
+        state.next_logits = runner.decode(state, tok)
+    return ((time.perf_counter() - w0) * 1e3 / n, (time.thread_time() - c0) * 1e3 / n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--weights", default="int4")
+    ap.add_argument("--batches", default="1,8,16")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bundle = load_model(EMBEDDED, Settings().data_dir, weights=args.weights)
+    tok = bundle.tokenizer
+    lean, plain = ModelRunner(bundle.model, lean=True), ModelRunner(bundle.model, lean=False)
+    assert lean.lean is not None and plain.lean is None
+    print(f"# {machine()}  weights={args.weights}  steps={args.steps} rounds={args.rounds}")
+    for B in (int(b) for b in args.batches.split(",")):
+        prompts = [
+            list(tok.apply_chat_template(
+                [{"role": "user", "content": CHAT_PROMPTS[i % len(CHAT_PROMPTS)]}],
+                add_generation_prompt=True, tokenize=True, return_dict=False,
+            ))
+            for i in range(B)
+        ]
+        start = plain.prefill(prompts)
+        steps(lean, start, 2)  # warm both paths at this shape
+        steps(plain, start, 2)
+        times: dict[str, list[tuple[float, float]]] = {"lean": [], "transformers": []}
+        for r in range(args.rounds):
+            order = [("lean", lean), ("transformers", plain)]
+            for name, runner in order if r % 2 == 0 else order[::-1]:
+                times[name].append(steps(runner, start, args.steps))
+        med = {k: (median([w for w, _ in v]), median([c for _, c in v])) for k, v in times.items()}
+        for k, (w, c) in med.items():
+            print(f"batch {B:3d}  {k:12s}  wall {w:7.2f} ms/step  cpu {c:7.2f} ms/step")
+        print(f"RATIO|lean_step_speedup_b{B}|{med['transformers'][0] / med['lean'][0]:.3f}"
+              f"|transformers/lean wall ms per decode step, {args.weights}")
+
+
+if __name__ == "__main__":
+    main()
