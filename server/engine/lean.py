@@ -53,7 +53,7 @@ from transformers import DynamicCache
 
 from server.engine.hooks import ControlHooks, block_output
 from server.engine.padding import attention_mask_4d, model_takes_4d_mask
-from server.quant import Int4Slice
+from server.quant import Int4Fused, Int4Linear, Int4Slice
 
 log = logging.getLogger("steerserve.engine")
 
@@ -91,15 +91,16 @@ def lean_unsupported(model: nn.Module) -> str | None:
 def _fused_of(mods: list[nn.Module]) -> Fn | None:
     """The one int4 kernel behind ``mods`` when they are, in order, all the members of one
     ``quant.Int4Fused`` (its stacked product, columns in member order); else None."""
-    if not all(isinstance(m, Int4Slice) for m in mods):
+    slices = [m for m in mods if isinstance(m, Int4Slice)]
+    if len(slices) != len(mods):
         return None
-    fused = mods[0]._fused[0]  # type: ignore[union-attr]  # Int4Slice checked above
-    if len(fused.sizes) != len(mods) or any(
-        m._fused[0] is not fused or m.index != i  # type: ignore[union-attr]  # Int4Slice
-        for i, m in enumerate(mods)
+    fused: Int4Fused = slices[0]._fused[0]
+    if len(fused.sizes) != len(slices) or any(
+        m._fused[0] is not fused or m.index != i for i, m in enumerate(slices)
     ):
         return None
-    return fused.linear.forward  # type: ignore[no-any-return]  # Int4Linear.forward
+    linear: Int4Linear = fused.linear
+    return linear.forward
 
 
 def _stacked(mods: list[nn.Module]) -> Fn:
@@ -147,7 +148,7 @@ class LeanForward:
         self.rotary: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
         self.rotary = inner.rotary_emb  # a module call: keeps its dynamic-RoPE decorator
         self.final_norm: Fn = inner.norm.forward
-        self.head: Fn = model.lm_head.forward  # type: ignore[union-attr, operator]
+        self.head: Fn = model.lm_head.forward  # type: ignore[union-attr]  # a causal LM's head
         self.blocks: list[_Block] = []
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -197,7 +198,7 @@ class LeanForward:
         # rotate_half(x)·sin == swap(x)·(-sin₁ | sin₂): the sign moves onto sin, once.
         cos = cos.unsqueeze(2)  # (B, T, 1, hd): broadcast over the q and k heads
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(2)
-        layers = cache.layers
+        layers: Any = cache.layers  # typed as a union with linear-attention layers
         n_qk = (H + Hkv) * hd
         past = layers[0].get_seq_length() if len(layers) else 0  # host int, no device read
         if attn_mask is None and T > 1 and past > 0:
