@@ -4,7 +4,8 @@ Same model (the embedded SmolLM2, ``--weights``, default int4), same prompts, th
 engine runner code (``server.engine.runner.ModelRunner`` with ``lean`` on and off); at
 each batch size both start from copies of one prefilled state (~40-token chat prompts)
 and decode ``--steps`` greedy steps, alternating A and B for ``--rounds`` rounds. Prints
-the medians of ms per step (wall and this thread's CPU time) and ``RATIO|`` lines
+the medians of ms per step (wall and this thread's CPU time), of the prefill of the
+batch's prompts (wall ms), and ``RATIO|`` lines
 (transformers / lean: > 1 means the lean forward is faster).
 
     python benchmarks/lean_ab.py [--batches 1,8,16] [--rounds 5] [--steps 8]
@@ -60,6 +61,15 @@ def main() -> None:
             ))
             for i in range(B)
         ]
+        pre: dict[str, list[float]] = {"lean": [], "transformers": []}
+        lean.prefill(prompts)  # warm both paths at this shape (oneDNN picks kernels)
+        plain.prefill(prompts)
+        for r in range(args.rounds):
+            pair = [("lean", lean), ("transformers", plain)]
+            for name, runner in pair if r % 2 == 0 else pair[::-1]:
+                t0 = time.perf_counter()
+                runner.prefill(prompts)
+                pre[name].append((time.perf_counter() - t0) * 1e3)
         start = plain.prefill(prompts)
         steps(lean, start, 2)  # warm both paths at this shape
         steps(plain, start, 2)
@@ -71,6 +81,9 @@ def main() -> None:
         med = {k: (median([w for w, _ in v]), median([c for _, c in v])) for k, v in times.items()}
         for k, (w, c) in med.items():
             print(f"batch {B:3d}  {k:12s}  wall {w:7.2f} ms/step  cpu {c:7.2f} ms/step")
+        pm = {k: median(v) for k, v in pre.items()}
+        print(f"batch {B:3d}  prefill of {sum(map(len, prompts))} tokens: lean "
+              f"{pm['lean']:.1f} ms, transformers {pm['transformers']:.1f} ms")
         print(f"RATIO|lean_step_speedup_b{B}|{med['transformers'][0] / med['lean'][0]:.3f}"
               f"|transformers/lean wall ms per decode step, {args.weights}")
 
