@@ -209,7 +209,7 @@ class LeanForward:
         for idx, blk in enumerate(self.blocks):
             y = blk.qkv(blk.in_norm(h))  # (B, T, (H + 2 Hkv) hd)
             qk = y[..., :n_qk].reshape(B, T, H + Hkv, hd)
-            qk = qk * cos + torch.cat([qk[..., half:], qk[..., :half]], dim=-1) * sin
+            qk = qk * cos + qk.roll(half, dims=-1) * sin  # roll: the halves swapped
             q = qk[:, :, :H].transpose(1, 2)  # (B, H, T, hd)
             k = qk[:, :, H:].transpose(1, 2)  # (B, Hkv, T, hd)
             v = y[..., n_qk:].reshape(B, T, Hkv, hd).transpose(1, 2)
