@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from server.api.errors import APIError
@@ -102,6 +102,25 @@ def record_fields(reg: ArtifactRegistry[Any], name: str) -> dict[str, Any]:
     except KeyError:
         return {}
     return {"created_at": rec.created_at, "file_bytes": rec.bytes, "sha256": rec.sha256}
+
+
+def build_card(model: type[C], card: dict[str, Any], facts: frozenset[str], name: str) -> C:
+    """``model(**card)``, leaving out build facts (``facts``: keys copied from the
+    artifact's ``info``) whose values do not fit the card.
+
+    An artifact's JSON is not checksummed (only its arrays are), so a hand-edited one can
+    carry, say, ``"build_seconds": "quick"``: the arrays are sound and the artifact stays
+    usable, and its card omits that fact (logged) instead of failing with a 500. Any
+    other field that does not validate is a bug and raises.
+    """
+    try:
+        return model(**card)
+    except ValidationError as exc:
+        bad = {str(err["loc"][0]) for err in exc.errors() if err["loc"]}
+        if not bad or not bad <= facts:
+            raise
+        log.warning("%s: leaving malformed build facts %s out of the card", name, sorted(bad))
+        return model(**{k: v for k, v in card.items() if k not in bad})
 
 
 async def list_artifacts(

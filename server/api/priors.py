@@ -34,6 +34,7 @@ from server.api.artifact_http import (
     Deleted,
     Skipped,
     bad,
+    build_card,
     check_artifact_name,
     check_budget_room,
     check_cancelled,
@@ -124,7 +125,8 @@ class PriorCard(BaseModel):
     name: str
     object: Literal["prior"] = "prior"
     estimator: str
-    orders: list[int]
+    orders: list[int] = Field(default_factory=lambda: [1, 2, 3],
+                              description="The n-gram orders interpolated (always 1-3).")
     vocab_size: int
     tokenizer_fingerprint: str
     compatible: bool = Field(description="Built with the serving model's tokenizer.")
@@ -148,6 +150,10 @@ class PriorList(BaseModel):
     skipped: list[Skipped]
 
 
+# The card keys copied from a prior's stored ``info`` (hand-editable: see build_card).
+_PRIOR_FACTS = frozenset({"orders", "corpus", "counts", "params", "build_seconds"})
+
+
 def prior_card(
     reg: ArtifactRegistry[NgramPrior], prior: NgramPrior, fingerprint: str
 ) -> PriorCard:
@@ -165,11 +171,11 @@ def prior_card(
         if prior.estimator == "jelinek_mercer"
         else None,
     }
-    for key in ("corpus", "counts", "params", "build_seconds"):
+    for key in sorted(_PRIOR_FACTS - {"orders"}):
         if key in info:
             card[key] = info.pop(key)
     card.update(record_fields(reg, prior.name))
-    return PriorCard(**card)
+    return build_card(PriorCard, card, _PRIOR_FACTS, prior.name)
 
 
 _bad = bad

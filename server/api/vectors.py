@@ -58,6 +58,7 @@ from server.api.artifact_http import (
     Deleted,
     Skipped,
     bad,
+    build_card,
     check_artifact_name,
     check_budget_room,
     check_cancelled,
@@ -196,6 +197,11 @@ class ControlVectorList(BaseModel):
     skipped: list[Skipped]
 
 
+# The card keys copied from a vector's stored ``info`` (hand-editable: see build_card).
+_VECTOR_FACTS = frozenset({"source", "method", "pairs", "separation", "best_layers",
+                           "build_seconds"})
+
+
 def vector_card(
     reg: ArtifactRegistry[ControlVector], vec: ControlVector, geometry: tuple[int, int] | None
 ) -> ControlVectorCard:
@@ -213,11 +219,11 @@ def vector_card(
     if geometry is not None:
         L, D = geometry
         card["compatible"] = vec.hidden_size == D and max(vec.layers) < L
-    for key in ("source", "method", "pairs", "separation", "best_layers", "build_seconds"):
+    for key in sorted(_VECTOR_FACTS):
         if key in info:
             card[key] = info[key]
     card.update(record_fields(reg, vec.name))
-    return ControlVectorCard(**card)
+    return build_card(ControlVectorCard, card, _VECTOR_FACTS, vec.name)
 
 
 _bad = bad

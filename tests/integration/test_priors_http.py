@@ -251,3 +251,29 @@ def test_full_kjv_prior_with_smollm2(tmp_path: Path) -> None:
         ).json()
         out = c.post("/v1/generate", json=steered).json()
         assert out["diagnostics"]["style_ppl"] < base["diagnostics"]["style_ppl"]
+
+
+def test_hand_edited_metadata_still_lists(tmp_path: Path) -> None:
+    """The JSON beside a stored prior is not checksummed (only the arrays are), so a
+    hand-edited one whose build facts have the wrong types must not turn the card into
+    a 500: the prior stays usable, the card leaves the malformed facts out."""
+    import json
+
+    with client(tmp_path) as c:
+        assert c.post("/v1/priors", json={"name": "p", "text": TEXT}).status_code == 201
+        before = generate(c, [{"type": "ngram", "prior": "p", "lambda": 1}]).json()
+    meta_path = tmp_path / "priors" / "p.json"
+    record = json.loads(meta_path.read_text())
+    record["meta"]["info"] = {**record["meta"].get("info", {}), "build_seconds": "quick",
+                              "counts": ["not", "a", "dict"]}
+    meta_path.write_text(json.dumps(record))
+    with client(tmp_path) as c:
+        card = c.get("/v1/priors/p")
+        assert card.status_code == 200, card.text
+        body = card.json()
+        assert "build_seconds" not in body and "counts" not in body
+        assert body["sha256"] == record["sha256"] and body["estimator"]
+        listing = c.get("/v1/priors")
+        assert listing.status_code == 200 and [p["name"] for p in listing.json()["data"]] == ["p"]
+        after = generate(c, [{"type": "ngram", "prior": "p", "lambda": 1}]).json()
+        assert after["token_ids"] == before["token_ids"]

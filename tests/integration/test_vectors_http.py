@@ -370,3 +370,27 @@ def test_extraction_is_an_engine_job_bounded_and_cancellable(
     finally:
         release.set()
         handle.remove()
+
+
+def test_hand_edited_metadata_still_lists(tmp_path: Path, bundle: ModelBundle) -> None:
+    """Only the arrays are checksummed: a hand-edited JSON whose build facts have the
+    wrong types keeps the vector usable and its card leaves those facts out (no 500)."""
+    import json
+
+    steer = [{"type": "control", "vector": "v", "alpha": 3}]
+    with client(tmp_path, bundle) as c:
+        assert c.post("/v1/control-vectors", json={"name": "v", "pairs": PAIRS}).status_code == 201
+        before = generate(c, steer).json()["token_ids"]
+    meta_path = tmp_path / "control-vectors" / "v.json"
+    record = json.loads(meta_path.read_text())
+    record["meta"]["info"] = {**record["meta"].get("info", {}), "pairs": "many",
+                              "separation": {"oops": 1}}
+    meta_path.write_text(json.dumps(record))
+    with client(tmp_path, bundle) as c:
+        card = c.get("/v1/control-vectors/v")
+        assert card.status_code == 200, card.text
+        body = card.json()
+        assert "pairs" not in body and "separation" not in body
+        assert body["source"] == "extracted" and body["sha256"] == record["sha256"]
+        assert c.get("/v1/control-vectors").status_code == 200
+        assert generate(c, steer).json()["token_ids"] == before
