@@ -133,7 +133,7 @@ class Int4Linear(nn.Module):
         """From ``rows`` input rows on (a decode step's batch size, or prefill's tokens),
         multiply by a bf16 copy ``dense (N, K)`` of the kernel's own weight instead: the
         int4 kernel's cost grows about linearly with the rows while a dense bf16 GEMM
-        amortizes its weight read (measured crossover 24-32 rows for SmolLM2 here,
+        amortizes its weight read (measured crossover 20-24 rows for SmolLM2 here,
         ``DENSE_ROWS``). ``None`` drops the copy (int4 at every size)."""
         if rows is None:
             self.dense, self.dense_rows = None, 0
@@ -512,9 +512,12 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 # loaded machine, docs/fastpath.md): int4 kernels only vs dense from here on were 39 / 41
 # at 8 rows, 75 / 80 at 16, 104 / 101 at 24, 125 / 100 at 32, 269 / 208 at 64 (a kernel
 # micro-benchmark with cache-hot weights puts the crossover lower, 8-16: the dense copy
-# is 4x the bytes to stream from memory). Prefill chunks take the dense path too. Costs a
-# bf16 copy of the linears' weights (≈ 210 MB for SmolLM2-135M).
-DENSE_ROWS = 32
+# is 4x the bytes to stream from memory). With the lean forward (server.engine.lean),
+# wall ms per step, medians of 6 alternating runs, loaded machine: 18.4 / 25.9 at 8 rows,
+# 29.8 / 33.1 at 16, 38.3 / 42.9 at 20, 48.8 / 44.7 and 38.0 / 34.6 at 24 (two runs),
+# 47.8 / 43.7 at 32: the crossover is between 20 and 24. Prefill chunks take the dense
+# path too. Costs a bf16 copy of the linears' weights (≈ 210 MB for SmolLM2-135M).
+DENSE_ROWS = 24
 
 PACK_FORMAT = 2  # bump when the cached layout changes (2: fused q/k/v and gate/up)
 

@@ -163,21 +163,37 @@ class ControlHooks:
         local = self._local.__dict__
         return local.get("phase") is not None or local.get("capture") is not None
 
-    def _hook(self, idx: int, module: nn.Module, args: Any, output: Any) -> Any:
+    def current(self) -> tuple[PhaseDeltas | None, _Capture | None]:
+        """This thread's phase and capture (either may be None). The hooks read it per
+        block; the lean forward (``server.engine.lean``) once per forward."""
         local = self._local.__dict__
-        phase: PhaseDeltas | None = local.get("phase")
-        cap: _Capture | None = local.get("capture")
+        return local.get("phase"), local.get("capture")
+
+    def _hook(self, idx: int, module: nn.Module, args: Any, output: Any) -> Any:
+        phase, cap = self.current()
         if phase is None and cap is None:
             return None  # nobody steers: leave the block's output alone
         h = output[0] if isinstance(output, tuple) else output  # (B, T, D)
-        out = h
-        if phase is not None and idx in phase.by_layer:
-            out = apply_layer(phase, idx, h)
-        if cap is not None and idx in cap.layers:
-            cap.states[idx] = out[:, -1, :].detach().float().clone()
+        out = block_output(idx, h, phase, cap)
         if out is h:
             return None
         return (out, *output[1:]) if isinstance(output, tuple) else out
+
+
+def block_output(
+    idx: int, h: torch.Tensor, phase: PhaseDeltas | None, cap: _Capture | None
+) -> torch.Tensor:
+    """Block ``idx``'s output ``h (B, T, D)`` after this forward's steering: the phase's
+    entries at ``idx`` (``apply_layer``), then the capture of the last position
+    ``(B, D)`` float32 when ``idx`` is captured. Returns ``h`` itself when nothing
+    applies. The one body of the forward hooks and of the lean forward's per-block step,
+    so both paths steer and capture identically."""
+    out = h
+    if phase is not None and idx in phase.by_layer:
+        out = apply_layer(phase, idx, h)
+    if cap is not None and idx in cap.layers:
+        cap.states[idx] = out[:, -1, :].detach().float().clone()
+    return out
 
 
 @dataclass
@@ -209,4 +225,4 @@ class RowControl:
         return summarize_receipt(self.records, self.specs, self.indices)
 
 
-__all__ = ["ControlHooks", "RowControl", "decoder_layers"]
+__all__ = ["ControlHooks", "RowControl", "block_output", "decoder_layers"]

@@ -7,6 +7,11 @@ positions, and the attention mask the model receives never leaves a query row fu
 masked. A forward that
 steers gets its per-row control-vector deltas (``PhaseDeltas``) through the model's
 hooks (``server.engine.hooks``), set for that call only.
+
+On the low-precision fast paths (bf16 / int4 weights) the forward of a Llama-family model
+is the lean one (``server.engine.lean``: same math, same cache, same steering, a fraction
+of the per-block host work); fp32 keeps the transformers forward unless asked
+(``lean=True``), so the exactness tests compare the engine with ``transformers.generate``.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from transformers import DynamicCache, PreTrainedModel
 from processors.control import PhaseDeltas
 from server.engine.batch import BatchState
 from server.engine.hooks import ControlHooks
+from server.engine.lean import LeanForward
 from server.engine.padding import left_pad, model_mask
 
 
@@ -49,14 +55,25 @@ def forward_last_logits(
 
 
 class ModelRunner:
-    """Owns the main model's forward calls."""
+    """Owns the main model's forward calls.
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    ``lean``: run the lean forward (``server.engine.lean``) where the model supports it;
+    ``None`` (default) = on for low-precision weights (the embedding is not float32),
+    off for fp32, the exact reference. ``self.lean`` is the forward in use (None: the
+    transformers forward).
+    """
+
+    def __init__(self, model: PreTrainedModel, lean: bool | None = None) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.vocab_size = int(model.config.vocab_size)
         self.hooks = ControlHooks.install(model)
         self.dtype = next(model.parameters()).dtype
+        if lean is None:
+            embed = model.get_input_embeddings()
+            lean = getattr(embed, "weight", None) is not None and \
+                embed.weight.dtype != torch.float32
+        self.lean = LeanForward.build(model, self.hooks) if lean else None
 
     def _forward(
         self,
@@ -68,6 +85,9 @@ class ModelRunner:
         phase: PhaseDeltas | None = None,
     ) -> torch.Tensor:
         with self.hooks.steering(phase, mask, positions):
+            if self.lean is not None:
+                attn = model_mask(self.model, mask, input_ids.shape[1], lengths)
+                return self.lean(input_ids, attn, positions, cache)
             return forward_last_logits(self.model, input_ids, mask, positions, cache, lengths)
 
     @torch.inference_mode()

@@ -90,6 +90,10 @@ class EngineConfig:
     # once); off on the CPU, where the forward would have to run on a helper thread
     # (True does that) and the measured gain on 2 cores is nil (docs/engine.md).
     overlap: bool | None = None
+    # The lean decoder forward (server.engine.lean) for Llama-family models. None = on
+    # for low-precision weights (bf16/int4), off for fp32 (the exact reference); True
+    # forces it on (tests compare it with the transformers forward), False off.
+    lean: bool | None = None
 
 
 @dataclass
@@ -155,7 +159,7 @@ class Engine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
-        self.runner = ModelRunner(self.model)
+        self.runner = ModelRunner(self.model, lean=self.config.lean)
         self.device = self.runner.device
         self.vocab_size = self.runner.vocab_size
         self.eos_ids = eos_token_ids(model, tokenizer)

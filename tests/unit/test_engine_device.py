@@ -196,15 +196,18 @@ _SYNC_METHODS = ("tolist", "item", "__bool__", "__int__", "__float__", "numpy", 
 _UPLOADS = ("tensor", "as_tensor", "from_numpy")  # host data becoming a tensor
 
 
-@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize(("overlap", "lean"), [(False, False), (True, False), (False, True)])
 def test_host_syncs_per_step(
-    tiny_bundle: Any, monkeypatch: pytest.MonkeyPatch, overlap: bool
+    tiny_bundle: Any, monkeypatch: pytest.MonkeyPatch, overlap: bool, lean: bool
 ) -> None:
     """Counts the Tensor methods that copy to the host, on the engine thread and the
     forward's helper thread (overlap), per step; and the host→device uploads of a step
-    where rows only leave (their per-row state follows the rows on the device)."""
+    where rows only leave (their per-row state follows the rows on the device). Also
+    with the lean forward (server.engine.lean) forced on."""
     tok = tiny_bundle.tokenizer
-    engine = Engine(tiny_bundle.model, tok, EngineConfig(max_batch_size=8, overlap=overlap))
+    engine = Engine(tiny_bundle.model, tok,
+                    EngineConfig(max_batch_size=8, overlap=overlap, lean=lean))
+    assert (engine.runner.lean is not None) == lean
     counts: Counter[str] = Counter()
     uploads: Counter[str] = Counter()
 
