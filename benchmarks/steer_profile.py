@@ -119,6 +119,9 @@ def run_case(engine: Any, bundle: Any, env: Any, rows: list[list[dict[str, Any]]
     wrap(engine, "_sample", "sample_all")
     wrap(engine, "_rebuild", "rebuild")
     wrap(engine, "_step", "step")
+    import processors.ngram as ngram_mod
+
+    wrap(ngram_mod, "style_logprobs", "   ngram: logp")
     real_update = engine.stack.update_state
 
     def update_state(specs: Any) -> None:  # time every processor's apply by type
