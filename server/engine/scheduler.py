@@ -418,7 +418,7 @@ class Engine:
                                   control=RowControl.of(req.steering)))
         self.aux.prefill([r.handle.key for r in self.rows], [(h.key, h.request) for h, _ in new])
         self._dirty = True
-        self._leave_map = None
+        self._leave_map = self._leave_index = None  # a join: rebuild from the host
 
     def _rebuild(self) -> None:
         """Rebuild processors and sampler tensors for the current composition; when
