@@ -37,6 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from server.threads import release_thread_pool  # noqa: E402
+
 log = logging.getLogger("steerserve.loading")
 
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
@@ -349,4 +351,7 @@ def load_model(
         "loaded %s (weights %s, activations %s, %s) in %.1f s",
         display, fmt, bundle.dtype, dev, bundle.load_seconds,
     )
+    # The load's parallel work is done: give this thread's OpenMP workers back, so they
+    # do not throttle the engine thread's (server.threads).
+    release_thread_pool()
     return bundle

@@ -30,6 +30,7 @@ from server.api.vectors import router as vectors_router
 from server.auxiliary import AuxBundle
 from server.loading import ModelBundle
 from server.settings import Settings
+from server.threads import release_thread_pool
 
 log = logging.getLogger("steerserve.api")
 
@@ -302,6 +303,10 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The event loop's thread (the main one) does no parallel torch work of its own
+        # once serving: give back the OpenMP workers importing and set-up made, so the
+        # engine thread's pool is the only one (server.threads).
+        release_thread_pool()
         if bundle is not None:
             state.attach(bundle, aux_bundles)
         else:

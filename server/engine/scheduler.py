@@ -60,6 +60,7 @@ from server.engine.types import (
     TokenEvent,
     TokenLogprob,
 )
+from server.threads import release_thread_pool
 
 log = logging.getLogger("steerserve.engine")
 
@@ -208,8 +209,14 @@ class Engine:
 
     # ----------------------------------------------------------------- public API
     def start(self) -> None:
-        """Start the engine thread (idempotent)."""
+        """Start the engine thread (idempotent).
+
+        The calling thread's OpenMP workers are released first (it usually built or
+        loaded the model): with two pools on a small CPU libgomp throttles both, and the
+        engine thread's forwards ran 1.5-2x slower (server.threads).
+        """
         if self._thread is None:
+            release_thread_pool()
             self._thread = threading.Thread(target=self._run, name="steer-engine", daemon=True)
             self._thread.start()
 
@@ -533,7 +540,7 @@ class Engine:
             aux_logits = self.aux.logits([r.handle.key for r in self.rows], len(self.rows))
         ctx = StepContext(base_logits=base, last_tokens=self.batch.last_tokens[:B],
                           want_stats=self._any_diag, aux_logits=aux_logits)
-        steered = self._apply_stack(ctx, fwd) if self.stack.active else fwd
+        steered = self.stack.apply(ctx, fwd) if self.stack.active else fwd
         # Hard bans (logit_bias -100) go last, after the sampler's penalties.
         seen = self.batch.seen[:B] if self.batch.seen is not None else None
         tokens = self.sampler.sample(steered, seen, self.stack.bans)  # (B,)
@@ -566,22 +573,6 @@ class Engine:
                 pack.add("lp_top", top.values)
                 pack.add("lp_ids", top.indices)
         return _StepOutput(tokens, fwd, steered, ctx, names, forward_stats)
-
-    def _apply_stack(self, ctx: StepContext, logits: torch.Tensor) -> torch.Tensor:
-        """The processor stack on ``logits (B, V)``; on the CPU with one intra-op thread.
-
-        The stack is ~50-150 small ops on at most ``(B, V)`` tensors. Run from the engine
-        thread, their OpenMP fork/join across 2 threads made them slower, not faster:
-        ngram at batch 8 took 2.3-2.4 ms a step with 2 threads and 1.3 ms with 1, batch 1
-        1.1 and 0.9 ms (docs/engine.md, "Steering overhead"). The forward keeps its threads.
-        """
-        if self.device.type != "cpu" or (n := torch.get_num_threads()) == 1:
-            return self.stack.apply(ctx, logits)
-        torch.set_num_threads(1)
-        try:
-            return self.stack.apply(ctx, logits)
-        finally:
-            torch.set_num_threads(n)
 
     def _emit_all(self, out: _StepOutput, host: PackedHost) -> list[int]:
         """Record and emit every row's token; return the rows that go on decoding."""
