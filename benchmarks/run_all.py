@@ -50,6 +50,9 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "fastpath": ("fastpath.py", ["--prompts", "20", "--tokens", "64", "--rounds", "3"],
                  ["--quick"]),
     "llamacpp": ("llamacpp.py", ["--rounds", "3", "--tokens", "64"], ["--quick"]),
+    # One OpenMP pool (server.threads) vs the pool of the loading thread kept.
+    "threads": ("threads_ab.py", ["--rounds", "2", "--tokens", "32"],
+                ["--rounds", "1", "--tokens", "8"]),
 }
 
 
