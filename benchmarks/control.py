@@ -224,8 +224,14 @@ def main() -> None:
     print("\n".join(extra))
     lines += ["", "| entry on all 30 blocks, batch 8 | ms/token | ratio |", "|---|---|---|",
               *extra]
+    # The single forwards run on this thread: stop the engine first, so that its
+    # thread's OpenMP pool is gone and this thread's is the only one (two pools throttle
+    # each other on a small CPU, server.threads); a fresh engine serves the sweep.
+    engine.stop()
     fwd = forward_overhead(engine, [req(PROMPTS[i % len(PROMPTS)], v, 1) for i in range(8)
                                     for v in [[]]], variants, env, args.forward_reps)
+    engine = Engine(model, tok)
+    engine.start()
     print(f"\nSingle decode forwards at batch 8, variants alternating forward by forward "
           f"({args.forward_reps} each; the receipt variants include packing and reading "
           "their stats to the host):\n")
