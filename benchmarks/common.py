@@ -7,8 +7,10 @@ interleaved round by round, and quote medians: the machine is shared and noisy.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import platform
+import queue
 import socket
 import statistics
 import subprocess
@@ -139,6 +141,29 @@ def report_ratio(name: str, value: float, op: str, target: float) -> None:
     ``op`` is ``"<="`` or ``">="``: the ratio meets its target when ``value op target``.
     """
     print(f"RATIO|{name}|{value:.4f}|{op}|{target}", flush=True)
+
+
+def engine_burst(engine: Any, prompts: list[tuple[int, ...]], tokens: int,
+                 prefix: str = "b") -> float:
+    """In process: submit one greedy request of ``tokens`` tokens (EOS ignored) per
+    prompt to a started ``server.engine.Engine`` at once; aggregate completion tokens/s
+    from the submit to the last finish. Request ids are ``prefix`` + a running number."""
+    from server.engine.types import FinishEvent, GenerationRequest, SamplingParams
+
+    qs: list[queue.Queue] = [queue.Queue() for _ in prompts]
+    reqs = [GenerationRequest(f"{prefix}{next(_SERIAL)}", tuple(p), SamplingParams(
+        max_tokens=tokens, temperature=0.0, ignore_eos=True)) for p in prompts]
+    t0 = time.perf_counter()
+    engine.submit_many([(r, q.put) for r, q in zip(reqs, qs, strict=True)])
+    done = 0
+    for q in qs:
+        while not isinstance(ev := q.get(timeout=600), FinishEvent):
+            pass
+        done += ev.completion_tokens
+    return done / (time.perf_counter() - t0)
+
+
+_SERIAL = itertools.count()
 
 
 async def burst(url: str, bodies: list[dict], timeout: float = 1800) -> float:

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
     EMBEDDED,
+    engine_burst,
     machine,
     median,
     report_ratio,
@@ -107,22 +108,12 @@ def idle_share(bundle, prompts: list[list[int]], tokens: int, overlap: bool) -> 
     engine.runner.decode = timed  # type: ignore[method-assign]
     engine.start()
     try:
-        qs: list[queue.Queue] = [queue.Queue() for _ in prompts]
-        reqs = [GenerationRequest(f"i{i}", tuple(p), SamplingParams(
-            max_tokens=tokens, temperature=0.0, ignore_eos=True)) for i, p in enumerate(prompts)]
-        t0 = time.perf_counter()
-        engine.submit_many([(r, q.put) for r, q in zip(reqs, qs, strict=True)])
-        done = 0
-        for q in qs:
-            while not isinstance(ev := q.get(timeout=600), FinishEvent):
-                pass
-            done += ev.completion_tokens
-        wall = time.perf_counter() - t0
+        tps = engine_burst(engine, [tuple(p) for p in prompts], tokens, prefix="i")
     finally:
         engine.stop()
     busy = sum(b - a for a, b in spans)
     window = spans[-1][1] - spans[0][0]
-    return 1.0 - busy / window, done / wall
+    return 1.0 - busy / window, tps
 
 
 def bv_allocations(bundle, prompts: list[list[int]], steps: int = 6) -> float:

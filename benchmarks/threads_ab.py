@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import queue
 import subprocess
 import sys
 import threading
@@ -34,7 +33,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import CHAT_PROMPTS, EMBEDDED, machine, median, report_ratio  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    CHAT_PROMPTS,
+    EMBEDDED,
+    engine_burst,
+    machine,
+    median,
+    report_ratio,
+)
 
 BATCHES = (1, 8)
 
@@ -71,7 +77,6 @@ def op_us_on_a_second_thread(release: bool) -> float:
 def engine_tps(weights: str, tokens: int) -> dict[int, float]:
     """Aggregate tokens/s of the in-process engine at each of :data:`BATCHES`."""
     from server.engine import Engine, EngineConfig
-    from server.engine.types import FinishEvent, GenerationRequest, SamplingParams
     from server.loading import load_model
     from server.settings import Settings
 
@@ -85,24 +90,9 @@ def engine_tps(weights: str, tokens: int) -> dict[int, float]:
     ]
     engine = Engine(bundle.model, tok, EngineConfig(max_batch_size=max(BATCHES)))
     engine.start()
-    serial = iter(range(10**6))
-
-    def burst(n: int, length: int) -> float:
-        qs: list[queue.Queue] = [queue.Queue() for _ in range(n)]
-        reqs = [GenerationRequest(f"t{next(serial)}", prompts[i], SamplingParams(
-            max_tokens=length, temperature=0.0, ignore_eos=True)) for i in range(n)]
-        t0 = time.perf_counter()
-        engine.submit_many([(r, q.put) for r, q in zip(reqs, qs, strict=True)])
-        done = 0
-        for q in qs:
-            while not isinstance(ev := q.get(timeout=600), FinishEvent):
-                pass
-            done += ev.completion_tokens
-        return done / (time.perf_counter() - t0)
-
     try:
-        burst(1, 4)  # warm-up
-        return {b: burst(b, tokens) for b in BATCHES}
+        engine_burst(engine, prompts[:1], 4)  # warm-up
+        return {b: engine_burst(engine, prompts[:b], tokens) for b in BATCHES}
     finally:
         engine.stop()
 
