@@ -191,7 +191,6 @@ class Engine:
         # ``_leave_map`` on the device (uploaded once per leave; the processors and the
         # sampler index their per-row tables with it), and the last leave's kept rows.
         self._leave_index: torch.Tensor | None = None
-        self._keep_index: torch.Tensor | None = None
         self._any_diag = False
         self._logprobs_k: int | None = None  # max top-k asked by a row; None = no row asks
         self.observer = EngineObserver()  # replaced by the server's metrics
@@ -432,24 +431,21 @@ class Engine:
         rows only left, the per-row tables follow the kept rows on the device instead
         (``ProcessorStack.select``, ``Sampler.select``: no upload)."""
         B = len(self.rows)
-        left = self._leave_map is not None and self._leave_index is not None
-        if left:
-            assert self._leave_map is not None and self._leave_index is not None
-            # The engine rows come first in the batch, so their old rows lead the map.
-            keep, index = self._leave_map[:B], self._leave_index[:B]
-            self.stack.select(keep, index)
-            self.sampler.select(keep, index)
-        else:
-            self.stack.update_state([r.request.steering for r in self.rows])
-            self.sampler.update_state([r.sampler_row for r in self.rows])
+        leave_map, leave_index = self._leave_map, self._leave_index
         # Twins are rows B.. of the same forward with no control entry (zero delta).
         owners = self.twins.owners
         twin_rows = [self.rows[b] for b in owners]
-        if self._leave_map is not None:
-            # Rows only left: the deltas follow the kept rows on the device (issue 20.5).
+        if leave_map is not None and leave_index is not None:
+            # Rows only left (issue 20.5): the engine rows come first in the batch, so
+            # their old rows lead the map; the control deltas follow every kept row.
+            keep, index = leave_map[:B], leave_index[:B]
+            self.stack.select(keep, index)
+            self.sampler.select(keep, index)
             if self._decode_phase is not None:
-                self._decode_phase = self._decode_phase.select(self._leave_map)
+                self._decode_phase = self._decode_phase.select(leave_map)
         else:
+            self.stack.update_state([r.request.steering for r in self.rows])
+            self.sampler.update_state([r.sampler_row for r in self.rows])
             self._decode_phase = build_phase(
                 [control_specs(r.request.steering) for r in self.rows] + [() for _ in owners],
                 "generated",
@@ -500,10 +496,10 @@ class Engine:
         keep = self._emit_all(out, copy.wait())
         tokens = out.tokens
         if len(keep) != len(self.rows):
-            self._keep_rows(keep)
-            if keep and self._keep_index is not None:
+            index = self._keep_rows(keep)
+            if keep:
                 # The kept rows lead the leave's uploaded index (twins follow them).
-                tokens = tokens.index_select(0, self._keep_index[: len(keep)])
+                tokens = tokens.index_select(0, index[: len(keep)])
         if self.rows:
             self._decode(tokens)
 
@@ -657,14 +653,14 @@ class Engine:
         if self.aux.active:  # same tokens, each auxiliary model's own rows and cache
             self.aux.decode([r.handle.key for r in self.rows], tokens)
 
-    def _keep_rows(self, keep: Sequence[int]) -> None:
-        """Keep only rows ``keep`` (batch order) in every per-row structure."""
+    def _keep_rows(self, keep: Sequence[int]) -> torch.Tensor:
+        """Keep only rows ``keep`` (batch order) in every per-row structure; returns the
+        kept batch rows' device index (the kept rows, then their twins)."""
         self.rows = [self.rows[b] for b in keep]
         rows = self.twins.select(keep)  # batch rows: the kept rows, then their twins
         # The one upload of a leave: the kept batch rows (the cache, the processors'
         # and the sampler's tables and the sampled tokens are all indexed with it).
         index = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
-        self._keep_index = index
         self.batch.select(rows, index)
         if not self._dirty:
             self._leave_map, self._leave_index = rows, index
@@ -674,6 +670,7 @@ class Engine:
             self._leave_index = self._leave_index.index_select(0, index)
         self.aux.sync([r.handle.key for r in self.rows])  # frees their aux caches
         self._dirty = True
+        return index
 
     def _reset_batch(self) -> None:
         """Forget every row's device state. Allocates nothing on the device, so it is
@@ -684,8 +681,7 @@ class Engine:
         self.aux.reset()
         self._decode_phase = None
         self._dirty = True
-        self._leave_map = None
-        self._leave_index = self._keep_index = None
+        self._leave_map = self._leave_index = None
 
     def _advance_row(
         self, row: _Row, token: int, now: float, lp: TokenLogprob | None = None
