@@ -371,6 +371,7 @@ def style_logprobs(
     log_w: torch.Tensor,
     is_kn: torch.Tensor,
     jm: torch.Tensor | None = None,
+    any_kn: bool = True,
 ) -> torch.Tensor:
     """``log p_style(· | context)`` for every row: ``(B, V_prior)``, finite everywhere.
 
@@ -382,10 +383,15 @@ def style_logprobs(
         log_w: ``(B, 3)`` log Jelinek–Mercer weights (:func:`log_weights`; ignored for
             Kneser–Ney rows).
         is_kn: ``(B,)`` bool, rows whose prior is Kneser–Ney.
-        jm: optional ``(B, 4, 5)``, when every row is Jelinek–Mercer: each row's
+        jm: optional ``(B, 4, 5)``: each Jelinek–Mercer row's
             ``[log c1, log c_max, c1, c2, c3]`` (below) for the four match patterns
-            ``found2 + 2·found3``, from :func:`jm_coefficients` (host float64). The step
-            then looks its coefficients up instead of computing them (~20 small ops).
+            ``found2 + 2·found3``, from :func:`jm_coefficients` (host float64; anything
+            for Kneser–Ney rows). Those rows then look their coefficients up instead of
+            computing them (~20 small ops), whatever else the batch holds, so a row's
+            values never depend on the other rows. Without it (the float64 host
+            reference) every row's coefficients are computed on the device.
+        any_kn: whether some row is Kneser–Ney (host flag; with ``jm``, False skips
+            the device computation of Kneser–Ney coefficients).
 
     Numerics. ``p(w) = c1·p1(w) + c2·a2(w) + c3·a3(w)`` in the served float32 would
     underflow when a coefficient or ``p1`` is tiny (weights ``[1e-50, 1, 1]``, add-k
@@ -415,12 +421,18 @@ def style_logprobs(
     vv, uu = v.clamp(0, V - 1), u.clamp(0, V - 1)
     found2, start2, len2, lg2 = _find(tables.bi, prior_idx * V + vv, ok2)
     found3, start3, len3, lg3 = _find(tables.tri, (prior_idx * V + uu) * V + vv, ok3)
-    if jm is not None:
+    if jm is None:
+        log_c1, top, coef = _coefficients(found2, found3, lg2, lg3, log_w, is_kn)
+    else:
         combo = (found2.long() + 2 * found3.long()).view(-1, 1, 1).expand(-1, 1, 5)
         row = jm.gather(1, combo).squeeze(1)  # (B, 5)
         log_c1, top, coef = row[:, 0:1], row[:, 1:2], row[:, 2:5]
-    else:
-        log_c1, top, coef = _coefficients(found2, found3, lg2, lg3, log_w, is_kn)
+        if any_kn:  # Kneser–Ney rows: computed; the others keep their looked-up ones
+            kn_c1, kn_top, kn_coef = _coefficients(found2, found3, lg2, lg3, log_w, is_kn)
+            kn = is_kn.view(-1, 1)
+            log_c1 = torch.where(kn, kn_c1, log_c1)
+            top = torch.where(kn, kn_top, top)
+            coef = torch.where(kn, kn_coef, coef)
     B = last_tokens.shape[0]
     # The dense part, log c1 + log p1(w): the whole value of every token no bigram or
     # trigram entry of the row adds mass to, i.e. of all but the (B, L2+L3) touched
@@ -713,9 +725,9 @@ class NgramProcessor(Processor[NgramSpec]):
         self.is_kn = table[:, 5] > 0.5  # (k,)
         self.zscore = table[:, 6:7] > 0.5  # (k, 1)
         self.steer = table[:, 7:8] > 0.5  # (k, 1)
-        # Looked-up coefficients when no row is Kneser–Ney (those compute theirs).
-        any_kn = any(s.prior.estimator == "kneser_ney" for s in self._mine)
-        self.jm = None if any_kn else table[:, 8:28].float().view(-1, 4, 5)  # (k, 4, 5)
+        # Jelinek–Mercer rows look their coefficients up (Kneser–Ney rows compute theirs).
+        self.any_kn = any(s.prior.estimator == "kneser_ney" for s in self._mine)
+        self.jm = table[:, 8:28].float().view(-1, 4, 5)  # (k, 4, 5)
 
     def _flags(self) -> None:
         """Host flags of the compact rows (``self._mine``)."""
@@ -777,7 +789,7 @@ class NgramProcessor(Processor[NgramSpec]):
         B, V = logits.shape
         logp = style_logprobs(  # (k, Vp), a fresh tensor: ours to modify below
             self.tables, self.slots.gather(ctx.last_tokens), self.prior_idx, self.log_w,
-            self.is_kn, self.jm,
+            self.is_kn, self.jm, self.any_kn,
         )
         if ctx.want_stats:
             nll = _pad_columns(logp.neg(), V, lambda x: x.amax(1, True))

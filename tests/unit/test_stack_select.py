@@ -231,3 +231,21 @@ def test_jm_coefficients_table_matches_the_definition(weights: tuple[float, ...]
         assert math.exp(top) == pytest.approx(max(c), rel=1e-12)
         for got, want in zip(scaled, c, strict=True):
             assert got == pytest.approx(want / max(c), rel=1e-12, abs=1e-300)
+
+
+@pytest.mark.parametrize("weights", [(0.2, 0.3, 0.5), (1e-50, 1.0, 1.0)])
+def test_jm_row_is_bit_equal_with_or_without_a_kneser_ney_row(
+    weights: tuple[float, ...],
+) -> None:
+    """A Jelinek–Mercer row's steered logits do not depend on whether a Kneser–Ney row
+    shares the batch (a row's arithmetic never depends on the other rows)."""
+    e = env()
+    jm = {"type": "ngram", "prior": "jm", "lambda": 0.7, "weights": list(weights)}
+    kn = {"type": "ngram", "prior": "kn", "lambda": 0.4}
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(2, V, generator=gen) * 3
+    for last in ([1, 2], [-1, 2], [-1, -1], [9, 9]):  # trigram, bigram, none, unseen
+        lt = torch.tensor([last, [2, 3]], dtype=torch.long)
+        alone, _ = run(build(e, [[jm]]), base[:1].clone(), lt[:1], False)
+        mixed, _ = run(build(e, [[jm], [kn]]), base.clone(), lt, False)
+        assert same(mixed[:1], alone), last
